@@ -1,0 +1,180 @@
+"""Where each decoder-only model family keeps the parts that editing methods touch.
+
+Locate-then-edit methods need five places: the list of transformer blocks, the MLP output
+projection inside a block (ROME's target: its input is the "key", its output the "value"), that
+projection's input size, the final norm and the LM head. Known families are listed in
+``KNOWN_LAYOUTS``; any other decoder-only model is inferred structurally, and if that fails the
+error names the config fields (``layers_path``, ``mlp_out_path``) that let the user say it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Dotted module paths: ``layers`` and ``final_norm`` from the model root, ``mlp_out`` from a block."""
+
+    layers: str
+    mlp_out: str
+    final_norm: str | None
+
+
+# model_type -> (blocks, MLP output projection inside a block, final norm)
+KNOWN_LAYOUTS: dict[str, Layout] = {
+    **{
+        t: Layout("model.layers", "mlp.down_proj", "model.norm")
+        for t in (
+            "llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+            "phi3", "olmo", "olmo2", "smollm3", "granite", "cohere", "stablelm", "internlm2",
+        )
+    },
+    "phi": Layout("model.layers", "mlp.fc2", "model.final_layernorm"),
+    "gpt2": Layout("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gptj": Layout("transformer.h", "mlp.fc_out", "transformer.ln_f"),
+    "gpt_neo": Layout("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gpt_neox": Layout("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "opt": Layout("model.decoder.layers", "fc2", "model.decoder.final_layer_norm"),
+    "falcon": Layout("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+    "bloom": Layout("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+}
+
+_MLP_OUT_NAMES = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "wo", "out_proj")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's layout could not be found; the message says which config field to set."""
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise UnsupportedModelError(f"{type(model).__name__} has no module at {path!r}.") from err
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) sizes of a Linear or of GPT-2's transposed Conv1D."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise UnsupportedModelError(f"Expected a Linear or Conv1D projection, found {type(module).__name__}.")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The projection's weight as an (out, in) matrix, whatever its storage layout."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def _config_num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _infer_layers_path(model: nn.Module) -> str | None:
+    """The longest ModuleList of same-class blocks (its length matching the config when known)."""
+    expected = _config_num_layers(model)
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if expected is not None and len(module) != expected:
+            continue
+        if best is None or len(module) > best[0]:
+            best = (len(module), name)
+    return best[1] if best else None
+
+
+def _infer_mlp_out_path(block: nn.Module, hidden_size: int | None) -> str | None:
+    """A projection that maps a wider hidden (the MLP's) back to the model width."""
+    candidates = []
+    for name, module in block.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        d_in, d_out = in_out_features(module)
+        if hidden_size is not None and d_out != hidden_size:
+            continue
+        if d_in <= d_out:
+            continue
+        named_like_mlp_out = name.rsplit(".", 1)[-1] in _MLP_OUT_NAMES
+        candidates.append((named_like_mlp_out, d_in, name))
+    if not candidates:
+        return None
+    return max(candidates)[2]
+
+
+def _infer_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    backbone_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    backbone = model.get_submodule(backbone_path) if backbone_path else model
+    for name, module in backbone.named_children():
+        if "norm" in type(module).__name__.lower() or name.startswith("ln"):
+            return f"{backbone_path}.{name}" if backbone_path else name
+    return None
+
+
+def get_layout(model: nn.Module, layers_path: str | None = None, mlp_out_path: str | None = None) -> Layout:
+    """The layout of ``model``: from the known table, the explicit paths given, or inferred."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    known = KNOWN_LAYOUTS.get(model_type)
+    layers = layers_path or (known.layers if known else _infer_layers_path(model))
+    if layers is None:
+        raise UnsupportedModelError(
+            f"Could not find the transformer blocks of {type(model).__name__} (model_type={model_type!r}). "
+            "Set `layers_path` in the edit config to the dotted path of the block list, e.g. 'model.layers'."
+        )
+    blocks = get_submodule(model, layers)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UnsupportedModelError(f"`layers_path` {layers!r} is a {type(blocks).__name__}, not a ModuleList of blocks.")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    mlp_out = mlp_out_path or (known.mlp_out if known else _infer_mlp_out_path(blocks[0], hidden))
+    if mlp_out is None:
+        raise UnsupportedModelError(
+            f"Could not find the MLP output projection in the blocks of {type(model).__name__} "
+            f"(model_type={model_type!r}). Set `mlp_out_path` in the edit config to its path inside a block, "
+            "e.g. 'mlp.down_proj'."
+        )
+    in_out_features(get_submodule(blocks[0], mlp_out))  # fails clearly if it is not a projection
+    final_norm = known.final_norm if (known and not layers_path) else _infer_final_norm(model, layers)
+    return Layout(layers=layers, mlp_out=mlp_out, final_norm=final_norm)
+
+
+def get_blocks(model: nn.Module, layout: Layout) -> nn.ModuleList:
+    return model.get_submodule(layout.layers)
+
+
+def num_layers(model: nn.Module, layout: Layout) -> int:
+    return len(get_blocks(model, layout))
+
+
+def mlp_out_name(layout: Layout, layer: int) -> str:
+    """Full module name of the MLP output projection of block ``layer``."""
+    return f"{layout.layers}.{layer}.{layout.mlp_out}"
+
+
+def backbone(model: nn.Module, layout: Layout) -> nn.Module:
+    """The module that runs embeddings, blocks and final norm (everything but the LM head).
+
+    It is the model's first-level child that holds the blocks: ``model`` for "model.layers" and
+    for OPT's "model.decoder.layers", ``transformer`` for GPT-2, ``gpt_neox`` for Pythia.
+    """
+    head, _, rest = layout.layers.partition(".")
+    return model.get_submodule(head) if rest else model
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no LM head; editing needs a causal language model.")
+    return head
