@@ -30,10 +30,24 @@ KNOWN_LAYOUTS: dict[str, Layout] = {
     **{
         t: Layout("model.layers", "mlp.down_proj", "model.norm")
         for t in (
-            "llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-            "phi3", "olmo", "olmo2", "smollm3", "granite", "cohere", "stablelm", "internlm2",
+            "llama",
+            "mistral",
+            "mixtral_dense",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "smollm3",
+            "granite",
+            "cohere",
+            "stablelm",
         )
     },
+    "internlm2": Layout("model.layers", "feed_forward.w2", "model.norm"),  # remote code
     "phi": Layout("model.layers", "mlp.fc2", "model.final_layernorm"),
     "gpt2": Layout("transformer.h", "mlp.c_proj", "transformer.ln_f"),
     "gptj": Layout("transformer.h", "mlp.fc_out", "transformer.ln_f"),
@@ -116,27 +130,62 @@ def _infer_mlp_out_path(block: nn.Module, hidden_size: int | None) -> str | None
 
 
 def _infer_final_norm(model: nn.Module, layers_path: str) -> str | None:
-    backbone_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    """The norm beside the blocks, preferring one registered after them (the final norm, not an
+    embedding norm such as BLOOM's ``word_embeddings_layernorm``)."""
+    backbone_path, _, layers_name = layers_path.rpartition(".")
     backbone = model.get_submodule(backbone_path) if backbone_path else model
+    before, after, seen_layers = [], [], False
     for name, module in backbone.named_children():
-        if "norm" in type(module).__name__.lower() or name.startswith("ln"):
-            return f"{backbone_path}.{name}" if backbone_path else name
-    return None
+        if name == layers_name:
+            seen_layers = True
+        elif "norm" in type(module).__name__.lower() or name.startswith("ln"):
+            (after if seen_layers else before).append(name)
+    found = (after or before or [None])[0]
+    if found is None:
+        return None
+    return f"{backbone_path}.{found}" if backbone_path else found
+
+
+def _known_layout(model: nn.Module, model_type: str | None) -> Layout | None:
+    """The table's layout for ``model_type``, if its paths exist in this model.
+
+    A bare backbone (``LlamaModel`` rather than ``LlamaForCausalLM``) or a wrapped model has the
+    same ``model_type`` but other paths; those fall through to inference.
+    """
+    known = KNOWN_LAYOUTS.get(model_type)
+    if known is None:
+        return None
+    try:
+        blocks = model.get_submodule(known.layers)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            return None
+        blocks[0].get_submodule(known.mlp_out)
+    except AttributeError:
+        return None
+    return known
 
 
 def get_layout(model: nn.Module, layers_path: str | None = None, mlp_out_path: str | None = None) -> Layout:
     """The layout of ``model``: from the known table, the explicit paths given, or inferred."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = KNOWN_LAYOUTS.get(model_type)
+    known = _known_layout(model, model_type)
     layers = layers_path or (known.layers if known else _infer_layers_path(model))
     if layers is None:
         raise UnsupportedModelError(
             f"Could not find the transformer blocks of {type(model).__name__} (model_type={model_type!r}). "
             "Set `layers_path` in the edit config to the dotted path of the block list, e.g. 'model.layers'."
         )
-    blocks = get_submodule(model, layers)
-    if not isinstance(blocks, nn.ModuleList):
-        raise UnsupportedModelError(f"`layers_path` {layers!r} is a {type(blocks).__name__}, not a ModuleList of blocks.")
+    try:
+        blocks = model.get_submodule(layers)
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"`layers_path` {layers!r} does not name a module of {type(model).__name__}; set it to the dotted "
+            "path of the block list, e.g. 'model.layers'."
+        ) from err
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise UnsupportedModelError(
+            f"`layers_path` {layers!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks."
+        )
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     mlp_out = mlp_out_path or (known.mlp_out if known else _infer_mlp_out_path(blocks[0], hidden))
     if mlp_out is None:
@@ -145,7 +194,15 @@ def get_layout(model: nn.Module, layers_path: str | None = None, mlp_out_path: s
             f"(model_type={model_type!r}). Set `mlp_out_path` in the edit config to its path inside a block, "
             "e.g. 'mlp.down_proj'."
         )
-    in_out_features(get_submodule(blocks[0], mlp_out))  # fails clearly if it is not a projection
+    try:
+        projection = blocks[0].get_submodule(mlp_out)
+        in_out_features(projection)
+    except (AttributeError, UnsupportedModelError) as err:
+        raise UnsupportedModelError(
+            f"`mlp_out_path` {mlp_out!r} does not name a Linear or Conv1D projection inside the blocks of "
+            f"{type(model).__name__} ({err}); set it to the MLP output projection's path inside a block, "
+            "e.g. 'mlp.down_proj'."
+        ) from err
     final_norm = known.final_norm if (known and not layers_path) else _infer_final_norm(model, layers)
     return Layout(layers=layers, mlp_out=mlp_out, final_norm=final_norm)
 
@@ -174,7 +231,28 @@ def backbone(model: nn.Module, layout: Layout) -> nn.Module:
 
 
 def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection (hidden -> vocabulary). Some families post-process its output into the
+    logits (Gemma 2's soft-capping, Cohere's and Granite's scaling): use :func:`logits_from_hidden`
+    to get the model's own logits."""
     head = model.get_output_embeddings()
     if head is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no LM head; editing needs a causal language model.")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no LM head; editing needs a causal language model."
+        )
     return head
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model computes from its final hidden states (the backbone's output)."""
+    logits = lm_head(model)(hidden)
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logit_scale = getattr(config, "logit_scale", None)  # Cohere
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        logits = logits * logit_scale
+    logits_scaling = getattr(config, "logits_scaling", None)  # Granite
+    if isinstance(logits_scaling, (int, float)) and not isinstance(logits_scaling, bool) and logits_scaling:
+        logits = logits / logits_scaling
+    return logits

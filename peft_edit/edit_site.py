@@ -1,0 +1,177 @@
+"""Run a batch of prompts many times with a vector added at one "edit site", recomputing only what it reaches.
+
+ROME-style methods optimise a vector δ added to a module's output (the MLP output projection of
+block L) at one position of each prompt (the subject's last token). Most of each forward pass
+does not depend on δ:
+
+* positions before the site: causal attention keeps them independent of it, so they are run once
+  and kept as a key/value cache;
+* blocks below L at the site and after it: δ enters at block L, so their outputs are computed once
+  and replayed.
+
+Rows are aligned so that the site sits in the same column ``split`` of every row (left padding),
+which lets one cache serve the whole batch. Each optimisation step then runs blocks L.. on the
+columns from ``split`` on, and the LM head only where a loss needs logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import Layout, backbone, get_blocks, lm_head
+
+
+@dataclass
+class AlignedBatch:
+    """Token rows left-padded so each row's site is at column ``split``."""
+
+    input_ids: torch.Tensor  # (rows, T)
+    attention_mask: torch.Tensor  # (rows, T)
+    position_ids: torch.Tensor  # (rows, T)
+    split: int
+    pad_left: list[int]
+
+    @classmethod
+    def build(cls, rows: Sequence[Sequence[int]], sites: Sequence[int], pad_id: int, device=None) -> AlignedBatch:
+        split = max(sites)
+        pad_left = [split - s for s in sites]
+        width = max(p + len(r) for p, r in zip(pad_left, rows))
+        ids, mask = [], []
+        for p, r in zip(pad_left, rows):
+            right = width - p - len(r)
+            ids.append([pad_id] * p + list(r) + [pad_id] * right)
+            mask.append([0] * p + [1] * len(r) + [0] * right)
+        input_ids = torch.tensor(ids, device=device)
+        attention_mask = torch.tensor(mask, device=device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(input_ids, attention_mask, position_ids, split, pad_left)
+
+    def suffix_column(self, row: int, token_index: int) -> int:
+        """Column, counted from ``split``, of token ``token_index`` of ``row`` (unpadded numbering)."""
+        return self.pad_left[row] + token_index - self.split
+
+
+class EditSiteRunner:
+    """Use as a context manager; inside, :meth:`final_hidden` runs the batch with δ at the site.
+
+    Args:
+        model: a causal LM (possibly with edit layers injected).
+        layout: its :class:`~peft_edit.architectures.Layout`.
+        layer: index of the block that holds the site.
+        site: the module (inside block ``layer``) whose output receives δ at column ``split``.
+    """
+
+    def __init__(self, model: nn.Module, layout: Layout, layer: int, site: nn.Module, batch: AlignedBatch):
+        self.model = model
+        self.body = backbone(model, layout)
+        self.blocks = get_blocks(model, layout)
+        self.head = lm_head(model)
+        self.layer = layer
+        self.site = site
+        self.batch = batch
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.site_input: torch.Tensor | None = None  # (rows, in): the site's input at column split
+        self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
+        self._replayed: list[nn.Module] = []
+        # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+
+    # ---------------------------------------------------------------- setup
+    def __enter__(self) -> EditSiteRunner:
+        b = self.batch
+        # Gradients flow to δ only; weight gradients would double the cost of every backward pass.
+        self._grad_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._grad_flags:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            self.prefix_cache = None
+            if b.split > 0:
+                out = self.body(
+                    input_ids=b.input_ids[:, : b.split],
+                    attention_mask=b.attention_mask[:, : b.split],
+                    position_ids=b.position_ids[:, : b.split],
+                    use_cache=True,
+                )
+                self.prefix_cache = getattr(out, self._cache_kwarg)
+            self._record_lower_blocks_and_site()
+        for i in range(self.layer):
+            block, recorded = self.blocks[i], self._lower_outputs[i]
+            block.forward = lambda *args, _recorded=recorded, **kwargs: _recorded
+            self._replayed.append(block)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self._replayed:
+            del block.forward  # back to the class's forward
+        self._replayed = []
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+
+    def _record_lower_blocks_and_site(self) -> None:
+        self._lower_outputs: dict[int, object] = {}
+        handles = []
+
+        def keep_block_output(i):
+            def hook(_module, _args, output):
+                self._lower_outputs[i] = output
+
+            return hook
+
+        def keep_site(_module, args, output):
+            self.site_input = self._by_row(args[0])[:, 0].detach().float()
+            self.site_output = self._by_row(output)[:, 0].detach().float()
+
+        try:
+            for i in range(self.layer):
+                handles.append(self.blocks[i].register_forward_hook(keep_block_output(i)))
+            handles.append(self.site.register_forward_hook(keep_site))
+            self._run_suffix()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _by_row(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(rows, columns, features), also for models (OPT) whose MLP sees rows and columns flattened."""
+        return tensor.view(self.batch.input_ids.shape[0], -1, tensor.shape[-1])
+
+    # ----------------------------------------------------------------- steps
+    def _run_suffix(self) -> torch.Tensor:
+        b = self.batch
+        cache = copy.deepcopy(self.prefix_cache) if self.prefix_cache is not None else None
+        out = self.body(
+            input_ids=b.input_ids[:, b.split :],
+            attention_mask=b.attention_mask,
+            position_ids=b.position_ids[:, b.split :],
+            use_cache=cache is not None,
+            **{self._cache_kwarg: cache},
+        )
+        return out.last_hidden_state
+
+    def final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (rows, T - split, hidden) with ``delta`` added to the site's output at column split."""
+
+        def add_delta(_module, _args, output):
+            by_row = self._by_row(output)
+            at_site = torch.zeros(by_row.shape[1], 1, dtype=output.dtype, device=output.device)
+            at_site[0] = 1
+            return (by_row + at_site * delta.to(output.dtype)).view_as(output)
+
+        handle = self.site.register_forward_hook(add_delta)
+        try:
+            return self._run_suffix()
+        finally:
+            handle.remove()
+
+    def log_probs(self, hidden: torch.Tensor, rows: Sequence[int], columns: Sequence[int]) -> torch.Tensor:
+        """Log-softmax over the vocabulary at the given (row, suffix column) pairs only."""
+        picked = hidden[torch.as_tensor(rows), torch.as_tensor(columns)]
+        logits = self.head(picked).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,58 @@
+"""The tuner of every method whose edits are weight deltas (ROME, MEMIT, AlphaEdit, FT, ...)."""
+
+from __future__ import annotations
+
+import os
+
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from ...atomic import atomic_directory
+from ..tuner import EditTuner
+from .layer import DeltaLayer
+
+
+class DeltaTuner(EditTuner):
+    tuner_layer_cls = DeltaLayer
+
+    def save_as_lora(self, path: str | os.PathLike, adapter_name: str | None = None) -> LoraConfig:
+        """Write the edits as a stock LoRA adapter that plain peft loads, without peft_edit.
+
+        The factors are written as they are (``lora_alpha == r`` per module, so LoRA's scaling is
+        1), which makes the export exact rather than an SVD approximation.
+        """
+        adapter_name = self._active_adapter_name(adapter_name)
+        config = self.peft_config[adapter_name]
+        state_dict, ranks, conv1d = {}, {}, set()
+        for name in config.target_modules:
+            layer = self._layer(name)
+            rank = layer.rank(adapter_name)
+            if rank == 0:
+                continue
+            ranks[name] = rank
+            if layer.is_conv1d:
+                conv1d.add(name)
+            prefix = f"base_model.model.{name}"
+            state_dict[f"{prefix}.lora_A.weight"] = layer.delta_A[adapter_name].detach().contiguous().clone()
+            state_dict[f"{prefix}.lora_B.weight"] = layer.delta_B[adapter_name].detach().contiguous().clone()
+        if not state_dict:
+            raise ValueError("The adapter holds no edits yet; there is nothing to export as LoRA.")
+        if conv1d and conv1d != set(ranks):
+            raise ValueError("Cannot export a mix of Conv1D and Linear targets as one LoRA adapter.")
+        top = max(ranks.values())
+        lora_config = LoraConfig(
+            r=top,
+            lora_alpha=top,
+            target_modules=sorted(ranks),
+            rank_pattern=dict(ranks),
+            alpha_pattern=dict(ranks),
+            fan_in_fan_out=bool(conv1d),
+            lora_dropout=0.0,
+            bias="none",
+            task_type=config.task_type,
+            base_model_name_or_path=config.base_model_name_or_path,
+        )
+        with atomic_directory(path) as staging:
+            save_file(state_dict, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
+            lora_config.save_pretrained(str(staging))
+        return lora_config

@@ -1,0 +1,4 @@
+from .config import RomeConfig
+from .model import RomeTuner
+
+__all__ = ["RomeConfig", "RomeTuner"]

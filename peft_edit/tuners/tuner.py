@@ -1,0 +1,171 @@
+"""The peft tuner shared by every edit method: targets, fingerprints, the ledger, ``edit`` and ``unload_edits``.
+
+A method subclass supplies how an edit is computed (:meth:`EditTuner.compute_edit`) and, through
+its layer class, how it is stored. Everything reachable from a user's ``PeftModel`` (``edit``,
+``unload_edits``, ``ledger``) is defined here once, so it works the same whether the model came
+from :func:`peft_edit.get_edited_model` or from ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..fingerprint import BaseWeightsMismatchError, weight_fingerprint
+from ..requests import EditRequest, as_requests, check_requests_tokenize
+from .config import EditConfig
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return module.weight
+
+
+class EditTuner(BaseTuner):
+    """Base tuner: subclasses set ``prefix``, ``tuner_layer_cls`` and implement the edit maths."""
+
+    target_module_mapping: dict[str, list[str]] = {}
+    # How many requests one call of compute_edit receives (ROME: one at a time; MEMIT: a batch).
+    requests_per_step: int | None = 1
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage=False, state_dict=None) -> None:
+        self._tokenizer = None
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: EditConfig, model_config: dict) -> EditConfig:
+        return peft_config  # targets are resolved against the model itself, in _pre_injection_hook
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: EditConfig, key: str) -> bool:
+        return key in (peft_config.target_modules or ())
+
+    def _pre_injection_hook(self, model: nn.Module, config: EditConfig, adapter_name: str) -> None:
+        # Every check runs here, before the first module is replaced, so a failure leaves the model as it was.
+        config.resolve(model)
+        self._check_fingerprints(model, config)
+
+    @staticmethod
+    def _check_fingerprints(model: nn.Module, config: EditConfig) -> None:
+        current = {name: weight_fingerprint(_base_weight(model.get_submodule(name))) for name in config.target_modules}
+        if not config.base_fingerprints:
+            config.base_fingerprints = current  # a new adapter: remember what it is computed against
+            return
+        changed = sorted(n for n in config.target_modules if config.base_fingerprints.get(n) != current[n])
+        if changed and config.verify_base_weights:
+            raise BaseWeightsMismatchError(
+                f"This edit adapter was computed against different weights for {changed} "
+                f"(recorded for base model {config.base_model_name_or_path!r}). Applied to other weights the edits "
+                "would do something else. Load it onto the model it was made for; to apply it anyway, pass "
+                "`verify_base_weights=False` to peft_edit.load_edited_model (or set it on the loaded config)."
+            )
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):
+        rank = peft_config.module_rank(current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, rank)
+            return
+        new_module = self.tuner_layer_cls(target, adapter_name, rank)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Edits are computed in closed form or by their own optimisation, never by a trainer.
+        for p in model.parameters():
+            p.requires_grad = False
+
+    # ----------------------------------------------------------------- edits
+    def compute_edit(self, config: EditConfig, requests: list[EditRequest], tokenizer) -> dict[str, Any]:
+        """Return ``{module_name: payload}`` for the layer class's ``append``; the model is as edited so far."""
+        raise NotImplementedError
+
+    def _active_adapter_name(self, adapter_name: str | None) -> str:
+        if adapter_name is not None:
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+            return adapter_name
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"Several adapters are active ({self.active_adapters}); say which to edit with adapter_name=.")
+        return self.active_adapters[0]
+
+    def edit(
+        self,
+        requests: EditRequest | dict | list,
+        tokenizer=None,
+        adapter_name: str | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Write more edits into the adapter; returns their ledger entries.
+
+        Either every request is stored or, if anything fails, none is: the adapter is rolled back to
+        the edits it held before the call.
+        """
+        adapter_name = self._active_adapter_name(adapter_name)
+        config: EditConfig = self.peft_config[adapter_name]
+        requests = as_requests(requests)
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
+        if tokenizer is None:
+            raise ValueError("Editing needs the model's tokenizer: pass tokenizer=... (it is remembered afterwards).")
+        check_requests_tokenize(tokenizer, requests)
+        self._tokenizer = tokenizer
+        if any(isinstance(m, BaseTunerLayer) and m.disable_adapters for m in self.model.modules()):
+            raise RuntimeError("Edits are computed on the edited model; enable the adapter before calling edit().")
+
+        step = self.requests_per_step or len(requests)
+        groups = [requests[i : i + step] for i in range(0, len(requests), step)]
+        held_before = len(config.edits)
+        new_entries = []
+        try:
+            for group in tqdm(groups, desc=f"{config.method} edits", disable=not progress or len(groups) < 2):
+                started = time.perf_counter()
+                payloads = self.compute_edit(config, group, tokenizer)
+                entry = {
+                    "requests": [r.to_dict() for r in group],
+                    "modules": {name: list(self._layer(name).append(adapter_name, *p)) for name, p in payloads.items()},
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+                config.edits.append(entry)
+                new_entries.append(entry)
+        except BaseException:
+            self._roll_back(adapter_name, held_before)
+            raise
+        return new_entries
+
+    def _layer(self, module_name: str) -> nn.Module:
+        layer = self.model.get_submodule(module_name)
+        if not isinstance(layer, self.tuner_layer_cls):
+            raise RuntimeError(f"{module_name} is not an edit layer; was the adapter unloaded?")
+        return layer
+
+    def _roll_back(self, adapter_name: str, keep: int) -> None:
+        """Forget every edit after the first ``keep`` ones (used when a call fails half-way)."""
+        config: EditConfig = self.peft_config[adapter_name]
+        dropped, config.edits[:] = config.edits[keep:], config.edits[:keep]
+        for name in {name for entry in dropped for name in entry["modules"]}:
+            self._layer(name).truncate(adapter_name, config.module_rank(name))
+
+    # ----------------------------------------------------------- inspection
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        """The active adapter's edits, oldest first (a copy)."""
+        import copy
+
+        return copy.deepcopy(self.peft_config[self._active_adapter_name(None)].edits)
+
+    def edited_requests(self, adapter_name: str | None = None) -> list[EditRequest]:
+        return self.peft_config[self._active_adapter_name(adapter_name)].requests()
+
+    # ------------------------------------------------------------- removal
+    def unload_edits(self) -> nn.Module:
+        """Remove every edit layer and return the original model, its weights bit-identical to before."""
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.unmerge()  # restores the exact pre-merge weights
+        return self.unload()

@@ -1,0 +1,108 @@
+"""ROME edits as adapters on tiny models of every family: the mechanics, not knowledge.
+
+One matrix of (family x behaviour): the edit changes the output at the edited prompt; save and a
+fresh load give the same logits; merge_and_unload equals the adapter's forward; unload gives back
+bit-identical weights; the stock-LoRA export reloads in peft with the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import FAMILIES, tiny_model, tiny_model_and_tokenizer
+
+from peft_edit import EditRequest, RomeConfig, get_edited_model
+
+REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")
+PROBE = "The Eiffel Tower is located in the city of"
+
+# Small settings: the tiny models need no covariance and few steps to show the mechanics.
+FAST = dict(stats_corpus="identity", v_num_steps=8, context_template_lengths=[3], context_templates_per_length=2)
+
+
+def logits(model, tokenizer, text=PROBE):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits[0, -1].float()
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def edited_family(request):
+    family = request.param
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    before_logits = logits(model, tokenizer)
+    before_state = state(model)
+    edited = get_edited_model(model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False)
+    return family, tokenizer, edited, before_logits, before_state
+
+
+def target_logprob(logit_vector, tokenizer):
+    rome_id = tokenizer(PROBE + " Rome")["input_ids"][len(tokenizer(PROBE)["input_ids"])]
+    return torch.log_softmax(logit_vector, -1)[rome_id]
+
+
+def test_edit_changes_the_edited_prompt(edited_family):
+    family, tokenizer, edited, before, _ = edited_family
+    after = logits(edited, tokenizer)
+    assert not torch.allclose(after, before, atol=1e-4), family
+    assert target_logprob(after, tokenizer) > target_logprob(before, tokenizer) + 0.5, family
+
+
+def test_disable_adapter_gives_the_original_outputs(edited_family):
+    _, tokenizer, edited, before, _ = edited_family
+    with edited.disable_adapter():
+        torch.testing.assert_close(logits(edited, tokenizer), before, atol=1e-5, rtol=1e-5)
+
+
+def test_save_then_fresh_load_reproduces_logits(edited_family, tmp_path):
+    family, tokenizer, edited, _, _ = edited_family
+    edited.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    reloaded = PeftModel.from_pretrained(tiny_model(family), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer), atol=1e-5, rtol=1e-5)
+    assert reloaded.peft_config["default"].edits == edited.peft_config["default"].edits
+
+
+def test_merge_and_unload_equals_adapter_forward(edited_family):
+    family, tokenizer, edited, _, _ = edited_family
+    from peft_edit import load_edited_model  # a second copy, so the shared fixture stays unmerged
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        edited.save_pretrained(d)
+        copy = load_edited_model(tiny_model(family), d)
+    expected = logits(copy, tokenizer)
+    merged = copy.merge_and_unload()
+    assert not any("delta" in n for n, _ in merged.named_modules())
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_export_reloads_in_plain_peft(edited_family, tmp_path):
+    family, tokenizer, edited, _, _ = edited_family
+    edited.save_as_lora(tmp_path / "lora")
+    import json
+
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    lora = PeftModel.from_pretrained(tiny_model(family), tmp_path / "lora")
+    torch.testing.assert_close(logits(lora, tokenizer), logits(edited, tokenizer), atol=1e-4, rtol=1e-4)
+
+
+def test_unload_edits_is_bit_identical(edited_family):
+    # Runs last for each family: it removes the adapter from the shared fixture.
+    family, tokenizer, edited, before_logits, before_state = edited_family
+    edited.merge_adapter()
+    edited.unmerge_adapter()
+    edited.merge_adapter()  # left merged on purpose: unload must restore the exact weights anyway
+    base = edited.unload_edits()
+    after_state = base.state_dict()
+    assert set(after_state) == set(before_state), family
+    for name, tensor in before_state.items():
+        assert torch.equal(after_state[name], tensor), f"{family}: {name} changed"
+    torch.testing.assert_close(logits(base, tokenizer), before_logits, atol=0, rtol=0)
