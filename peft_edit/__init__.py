@@ -4,9 +4,9 @@ Importing this package registers the edit adapter types with peft, so ``PeftMode
 loads saved edits.
 """
 
+from .architectures import UnsupportedModelError
 from .edited_model import EditedModel, get_edited_model, load_edited_model
 from .fingerprint import BaseWeightsMismatchError
-from .architectures import UnsupportedModelError
 from .registration import register_edit_method
 from .requests import EditRequest
 from .tuners.rome import RomeConfig, RomeTuner

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import Layout, backbone, get_blocks, lm_head
+from .architectures import Layout, backbone, get_blocks, logits_from_hidden
 
 
 @dataclass
@@ -71,11 +71,9 @@ class EditSiteRunner:
         self.model = model
         self.body = backbone(model, layout)
         self.blocks = get_blocks(model, layout)
-        self.head = lm_head(model)
         self.layer = layer
         self.site = site
         self.batch = batch
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.site_input: torch.Tensor | None = None  # (rows, in): the site's input at column split
         self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
         self._replayed: list[nn.Module] = []
@@ -171,7 +169,4 @@ class EditSiteRunner:
     def log_probs(self, hidden: torch.Tensor, rows: Sequence[int], columns: Sequence[int]) -> torch.Tensor:
         """Log-softmax over the vocabulary at the given (row, suffix column) pairs only."""
         picked = hidden[torch.as_tensor(rows), torch.as_tensor(columns)]
-        logits = self.head(picked).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)

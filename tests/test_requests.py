@@ -255,17 +255,54 @@ def test_tokenize_continuation_falls_back_when_the_tokenizer_merges_across_the_b
     assert target_ids == tok("Rome")["input_ids"]
 
 
+def assert_holds_subject_end(tokenizer, template, subject, index):
+    """The token at ``index`` holds the subject's last character: the text up to it covers the
+    subject, the text before it does not."""
+    text_to_subject_end = template.partition("{}")[0] + subject
+    prompt_ids = tokenizer(fill(template, subject))["input_ids"]
+    assert 0 <= index < len(prompt_ids)
+    assert decode(tokenizer, prompt_ids[: index + 1]).startswith(text_to_subject_end)
+    assert len(decode(tokenizer, prompt_ids[:index])) < len(text_to_subject_end)
+
+
 @pytest.mark.parametrize("template, subject, target", CASES)
 def test_subject_last_token_index(tokenizer, template, subject, target):
-    prompt = fill(template, subject)
-    prompt_ids = tokenizer(prompt)["input_ids"]
     index = subject_last_token_index(tokenizer, template, subject)
-    assert 0 <= index < len(prompt_ids)
+    assert_holds_subject_end(tokenizer, template, subject, index)
+    # Where the tokenizer splits right after the subject, the token is the subject's own last piece.
+    encoding = tokenizer(fill(template, subject), return_offsets_mapping=True)
+    subject_end = len(template.partition("{}")[0] + subject)
+    if not any(stop == subject_end for _, stop in encoding["offset_mapping"]):
+        return  # the subject's end is merged with the next characters (only with a tiny vocabulary)
+    prompt_ids = encoding["input_ids"]
     last_piece = decode(tokenizer, [prompt_ids[index]]).strip()
     assert last_piece and subject.endswith(last_piece), (last_piece, subject)
-    # Everything up to that token is the text up to the end of the subject, nothing more.
     before = template.partition("{}")[0]
     assert decode(tokenizer, prompt_ids[: index + 1]).strip() == (before + subject).strip()
+
+
+def test_subject_last_token_index_when_the_subject_ends_inside_a_token(tokenizer):
+    # "Pari" + "s" is the single token " Paris": the index is that token, not the one after it.
+    template, subject = "The capital of France is {}s and it lies on the Seine", "Pari"
+    index = subject_last_token_index(tokenizer, template, subject)
+    assert_holds_subject_end(tokenizer, template, subject, index)
+    prompt_ids = tokenizer(fill(template, subject))["input_ids"]
+    assert decode(tokenizer, [prompt_ids[index]]).strip() == "Paris"
+
+
+def test_subject_last_token_index_without_offsets():
+    """Slow tokenizers have no character offsets: the index is the last token of the text up to the subject."""
+    fast = tiny_tokenizer("bpe")
+
+    def slow(text, return_offsets_mapping=False, **kwargs):
+        if return_offsets_mapping:
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return fast(text, **kwargs)
+
+    for template, subject, _ in CASES:
+        assert subject_last_token_index(slow, template, subject) == subject_last_token_index(
+            fast, template, subject
+        )
 
 
 def test_subject_last_token_index_counts_the_bos_token():

@@ -103,7 +103,8 @@ def compute_key_and_delta(
             delta = torch.zeros_like(v_init, requires_grad=True)
             optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
             kl_reference = None
-            loss_value, step = float("inf"), 0
+            # Keep the best δ seen: on some models a large step overshoots, and the last iterate is worse.
+            best_loss, best_delta, step = float("inf"), delta.detach().clone(), 0
             for step in range(1, hp.v_num_steps + 1):
                 optimizer.zero_grad()
                 hidden = runner.final_hidden(delta)
@@ -115,10 +116,9 @@ def compute_key_and_delta(
                 kl = torch.nn.functional.kl_div(kl_logp, kl_reference, log_target=True, reduction="batchmean")
                 decay = hp.v_weight_decay * delta.norm() ** 2 / v_init.norm() ** 2
                 loss = nll + hp.kl_factor * kl + decay
-                loss_value = loss.item()
-                if loss_value < hp.early_stop_loss:
-                    break
-                if step == hp.v_num_steps:
+                if loss.item() < best_loss:
+                    best_loss, best_delta = loss.item(), delta.detach().clone()
+                if best_loss < hp.early_stop_loss or step == hp.v_num_steps:
                     break  # the last step's loss is measured, not followed by another update
                 loss.backward()
                 optimizer.step()
@@ -128,7 +128,7 @@ def compute_key_and_delta(
                         delta.mul_(max_norm / norm)
     finally:
         model.train(was_training)
-    return KeyValue(k_star=k_star, delta=delta.detach(), v_norm=float(v_init.norm()), final_loss=loss_value, steps=step)
+    return KeyValue(k_star=k_star, delta=best_delta, v_norm=float(v_init.norm()), final_loss=best_loss, steps=step)
 
 
 def rank_one_factors(k_star: torch.Tensor, delta: torch.Tensor, solve_covariance) -> tuple[torch.Tensor, torch.Tensor]:
