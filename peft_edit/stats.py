@@ -99,7 +99,7 @@ def key_second_moments(
     progress: bool = True,
     layout: Layout | None = None,
     checkpoint_every: int = 50,
-    sampling_batch_size: int = 32,
+    sampling_batch_size: int = 8,
 ) -> dict[int, torch.Tensor]:
     """{layer: C (in_features x in_features, float32 on CPU)} with C = mean of k kᵀ over `sample_count` tokens.
 
@@ -107,7 +107,9 @@ def key_second_moments(
     path to a UTF-8 text file, an iterable of strings, a ``datasets.Dataset`` with a "text"
     column, or a Hugging Face dataset id (loaded with ``load_dataset(id, split="train")``).
     With ``use_cache`` the result is read from / written to ``cache_dir`` (default
-    ``cache_root()/stats``), and an interrupted computation resumes from its last checkpoint.
+    ``cache_root()/stats``), and an interrupted computation resumes from its last checkpoint
+    (written every ``checkpoint_every`` batches and on an exception such as Ctrl-C).
+    ``sampling_batch_size``: sequences per ``generate`` call for the model-sampled corpus.
     """
     layout = layout or get_layout(model)
     layers = _check_arguments(
@@ -507,12 +509,12 @@ def _sampled_corpus(
     """Text the model writes itself: sequences of up to `max_length` tokens from its BOS token.
 
     Sequences are sampled (top-k, temperature 1) ``chunk`` at a time, ``chunk`` being
-    ``ceil(sample_count / max_length)`` capped at ``sampling_batch_size``: decoding is
-    memory-bound, so wide batches cost little more than narrow ones. Chunk ``i`` uses seed
+    ``ceil(sample_count / max_length)`` capped at ``sampling_batch_size``. Chunk ``i`` uses seed
     ``SAMPLED_SEED + i``, so the stream is deterministic whatever ``batch_size`` the forward uses,
     and a resumed pass regenerates only the chunks it still needs. Chunks are drawn until
     ``sample_count`` real tokens (BOS up to and including the first EOS) have been seen: at least
-    ``ceil(sample_count / max_length)`` sequences, more when the model stops early.
+    ``ceil(sample_count / max_length)`` sequences, more when the model stops early. The last chunk
+    is only partly used, so a small chunk wastes less; a wide one decodes faster on a GPU.
     """
     if max_length < 2:
         raise ValueError(

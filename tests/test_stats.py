@@ -35,6 +35,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:The corpus ran out")
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_wiki.valid.raw"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine the OpenMP hand-offs
+    slow each small op by 10-100x; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILY_TOKENIZER))
 def family(request):
     return request.param

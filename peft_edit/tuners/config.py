@@ -83,4 +83,4 @@ class EditConfig(PeftConfig):
 
     def requests(self) -> list[EditRequest]:
         """The requests this adapter holds, oldest first."""
-        return [EditRequest.from_dict(entry["request"]) for entry in self.edits]
+        return [EditRequest.from_dict(r) for entry in self.edits for r in entry["requests"]]
