@@ -688,12 +688,19 @@ def _tensor_bytes(tensor: torch.Tensor):
 
 
 def _tokenizer_identity(tokenizer) -> str:
-    """Class, name, size and the ids of a probe text: what decides the tokens a text becomes."""
+    """What decides the tokens a text becomes: the full tokenizer definition and a probe's ids.
+
+    A fast tokenizer serialises itself (vocabulary, merges, normalisation, templates) in a few
+    tens of ms; others contribute their vocabulary. The probe catches Python-side settings.
+    """
     if tokenizer is None:
         return "no-tokenizer"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
     probe = tokenizer(_PROBE_TEXT)["input_ids"]
-    text = f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{probe}"
-    return _sha256(text)[:16]
+    return _sha256(f"{type(tokenizer).__name__}|{probe}|{definition}")[:16]
 
 
 @dataclass

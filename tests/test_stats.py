@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -192,6 +195,49 @@ def test_cache_hit_runs_no_forward_and_is_identical(llama, tmp_path):
     for layer in LAYERS:
         assert torch.equal(first[layer], second[layer])
     assert not list(tmp_path.glob("*.partial.*")) and not list(tmp_path.glob(".*"))
+
+
+CHILD = """
+import json, sys, torch
+from tiny_models import tiny_model
+from transformers import AutoTokenizer
+from peft_edit.stats import key_second_moments
+model = tiny_model("llama")
+calls = []
+model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+texts, tokenizer = json.loads(open(sys.argv[1]).read()), AutoTokenizer.from_pretrained(sys.argv[2])
+result = key_second_moments(model, tokenizer, [1, 2], texts, sample_count=10_000, max_length=24,
+                            batch_size=3, cache_dir=sys.argv[3], progress=False)
+torch.save({"calls": len(calls), **result}, sys.argv[4])
+"""
+
+
+def test_cache_is_reused_by_another_process(llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = llama
+    tokenizer.save_pretrained(
+        tmp_path / "tokenizer"
+    )  # tokenizers trained in-process differ between processes
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    mine = moments(model, tokenizer, tmp_path=tmp_path / "cache")
+    texts, out = tmp_path / "texts.json", tmp_path / "child.pt"
+    texts.write_text(json.dumps(TEXTS))
+    args = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(texts),
+        str(tmp_path / "tokenizer"),
+        str(tmp_path / "cache"),
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run(args, check=True, env=env, timeout=120, capture_output=True)
+    theirs = torch.load(out)
+    assert theirs["calls"] == 0
+    for layer in LAYERS:
+        assert torch.equal(theirs[layer], mine[layer])
 
 
 def test_different_corpus_or_settings_use_different_files(llama, tmp_path):

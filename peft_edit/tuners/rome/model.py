@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...context_templates import sample_context_templates
@@ -10,13 +12,14 @@ from .algorithm import compute_key_and_delta, rank_one_factors
 from .config import RomeConfig
 
 
+# Per base model, kept while the model lives: edited models made one after another from the same
+# base (evaluation's edit-score-restore loop) sample prefixes and load statistics once.
+_CONTEXT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COVARIANCE_SOLVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class RomeTuner(DeltaTuner):
     prefix = "rome_"
-
-    def __init__(self, *args, **kwargs) -> None:
-        self._context_templates: dict[tuple, list[str]] = {}
-        self._covariance_solvers: dict[tuple, object] = {}
-        super().__init__(*args, **kwargs)
 
     def compute_edit(self, config: RomeConfig, requests, tokenizer):
         (request,) = requests
@@ -30,19 +33,21 @@ class RomeTuner(DeltaTuner):
         return {target: (A, B)}
 
     def context_templates(self, config: RomeConfig, tokenizer) -> list[str]:
+        cache = _CONTEXT_TEMPLATES.setdefault(self.model, {})
         key = (tuple(config.context_template_lengths), config.context_templates_per_length, config.seed)
-        if key not in self._context_templates:
-            self._context_templates[key] = sample_context_templates(
+        if key not in cache:
+            cache[key] = sample_context_templates(
                 self.model, tokenizer, config.context_template_lengths, config.context_templates_per_length, config.seed
             )
-        return self._context_templates[key]
+        return cache[key]
 
     def covariance_solver(self, config: RomeConfig, tokenizer):
         """``k -> C⁻¹ k`` for the edited layer's key covariance (computed or loaded once)."""
+        cache = _COVARIANCE_SOLVERS.setdefault(self.model, {})
         key = (config.layer, config.stats_corpus, config.stats_samples)
-        if key not in self._covariance_solvers:
-            self._covariance_solvers[key] = make_covariance_solver(self.model, tokenizer, config)
-        return self._covariance_solvers[key]
+        if key not in cache:
+            cache[key] = make_covariance_solver(self.model, tokenizer, config)
+        return cache[key]
 
 
 def make_covariance_solver(model, tokenizer, config: RomeConfig):

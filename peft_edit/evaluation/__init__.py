@@ -1,0 +1,1 @@
+"""Scoring edits the ways the field reports them (see ``metrics``)."""
