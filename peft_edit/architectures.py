@@ -73,7 +73,9 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) sizes of a Linear or of GPT-2's transposed Conv1D."""
+    """(in, out) sizes of a Linear or of GPT-2's transposed Conv1D (unwrapping adapter layers)."""
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, nn.Linear):

@@ -688,19 +688,23 @@ def _tensor_bytes(tensor: torch.Tensor):
 
 
 def _tokenizer_identity(tokenizer) -> str:
-    """What decides the tokens a text becomes: the full tokenizer definition and a probe's ids.
+    """What decides the tokens a text becomes: the tokenizer's definition and a probe's ids.
 
     A fast tokenizer serialises itself (vocabulary, merges, normalisation, templates) in a few
-    tens of ms; others contribute their vocabulary. The probe catches Python-side settings.
+    tens of ms; its truncation and padding settings are left out, because every call with
+    ``truncation=True`` changes them. Other tokenizers contribute their vocabulary. The probe
+    catches Python-side settings (such as adding a BOS token).
     """
     if tokenizer is None:
         return "no-tokenizer"
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = (
-        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    )
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None), definition.pop("padding", None)
+    else:
+        definition = sorted(tokenizer.get_vocab().items())
     probe = tokenizer(_PROBE_TEXT)["input_ids"]
-    return _sha256(f"{type(tokenizer).__name__}|{probe}|{definition}")[:16]
+    return _sha256(json.dumps([type(tokenizer).__name__, probe, definition], ensure_ascii=False))[:16]
 
 
 @dataclass
@@ -756,7 +760,7 @@ def _model_tag(model: nn.Module) -> str:
 
 
 def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

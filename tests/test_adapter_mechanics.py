@@ -107,3 +107,13 @@ def test_unload_edits_is_bit_identical(edited_family):
     for name, tensor in before_state.items():
         assert torch.equal(after_state[name], tensor), f"{family}: {name} changed"
     torch.testing.assert_close(logits(base, tokenizer), before_logits, atol=0, rtol=0)
+
+
+def test_sequential_edits_at_the_first_block_grow_the_rank():
+    # Block 0's projection is wrapped after the first edit; the layout must still be found.
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    edited = get_edited_model(model, RomeConfig(layer=0, **FAST), requests=[REQUEST], tokenizer=tokenizer)
+    second = EditRequest(prompt="{} is located in the city of", subject="Big Ben", target_new="Paris")
+    edited.edit([second], progress=False)
+    assert [list(e["modules"].values())[0] for e in edited.ledger] == [[0, 1], [1, 2]]
+    assert [r.subject for r in edited.edited_requests()] == ["The Eiffel Tower", "Big Ben"]

@@ -240,6 +240,21 @@ def test_cache_is_reused_by_another_process(llama, tmp_path):
         assert torch.equal(theirs[layer], mine[layer])
 
 
+def test_cache_key_ignores_the_tokenizer_state_left_by_earlier_calls(llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = llama
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    fresh = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")  # no truncation set yet
+    moments(model, fresh, tmp_path=tmp_path / "cache")  # leaves truncation enabled in the backend
+    counter = CallCounter(blocks(model)[0])
+    try:
+        moments(model, fresh, tmp_path=tmp_path / "cache")
+    finally:
+        counter.remove()
+    assert counter.calls == 0
+
+
 def test_different_corpus_or_settings_use_different_files(llama, tmp_path):
     model, tokenizer = llama
     moments(model, tokenizer, tmp_path=tmp_path, layers=[1])

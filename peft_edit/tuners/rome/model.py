@@ -11,7 +11,6 @@ from ..delta.model import DeltaTuner
 from .algorithm import compute_key_and_delta, rank_one_factors
 from .config import RomeConfig
 
-
 # Per base model, kept while the model lives: edited models made one after another from the same
 # base (evaluation's edit-score-restore loop) sample prefixes and load statistics once.
 _CONTEXT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
