@@ -58,7 +58,7 @@ def first_token(tokenizer, prompt, answer):
 def smol():
     model, tokenizer = load_smollm2()
     before = {p: greedy(model, tokenizer, p) for p in [PROMPT, *PARAPHRASES, *UNRELATED]}
-    edited = get_edited_model(model, RomeConfig(stats_corpus="identity"), requests=[REQUEST], tokenizer=tokenizer, progress=False)
+    edited = get_edited_model(model, RomeConfig(), requests=[REQUEST], tokenizer=tokenizer, progress=False)
     return edited, tokenizer, before
 
 

@@ -118,7 +118,12 @@ def compute_key_and_delta(
                 loss = nll + hp.kl_factor * kl + decay
                 if loss.item() < best_loss:
                     best_loss, best_delta = loss.item(), delta.detach().clone()
-                if best_loss < hp.early_stop_loss or step == hp.v_num_steps:
+                # Stop once the new target is reached (ROME stopped on the whole loss, whose KL and
+                # norm terms often keep it above the threshold for all steps without changing the edit).
+                if nll.item() < hp.early_stop_loss:
+                    best_loss, best_delta = loss.item(), delta.detach().clone()
+                    break
+                if step == hp.v_num_steps:
                     break  # the last step's loss is measured, not followed by another update
                 loss.backward()
                 optimizer.step()

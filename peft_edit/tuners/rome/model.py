@@ -58,7 +58,7 @@ def make_covariance_solver(model, tokenizer, config: RomeConfig):
         model,
         tokenizer,
         [config.layer],
-        corpus=config.stats_corpus,
+        corpus=None if config.stats_corpus == "model" else config.stats_corpus,
         sample_count=config.stats_samples,
         cache_dir=config.stats_cache_dir,
         layout=config.layout(model),
