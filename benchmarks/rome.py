@@ -61,7 +61,10 @@ def score_case(model, tokenizer, case, before):
         "reliability_tf": new[0].token_accuracy,
         "generalization_tf": mean([n.token_accuracy for n in new[1:]]),
         "locality_tf": mean(
-            [mean([float(a == b) for a, b in zip(t.argmax_ids, p.argmax_ids)]) for t, p in zip(nb_true, before["tf"])]
+            [
+                mean([float(a == b) for a, b in zip(t.argmax_ids, p.argmax_ids)])
+                for t, p in zip(nb_true, before["tf"])
+            ]
         ),
         "reliability_gen": float(starts_with_answer(gen[0], req.target_new)),
         "generalization_gen": mean([float(starts_with_answer(g, req.target_new)) for g in gen[1:]]),
@@ -76,7 +79,12 @@ def run(model, tokenizer, cases, covariance: str, layer: int | None):
     for case in cases:
         prompts = [n.prompt for n in case.neighbors]
         tf = teacher_forced(model, tokenizer, prompts, [n.answer for n in case.neighbors])
-        before.append({"tf": tf, "gen": greedy_continuations(model, tokenizer, prompts, [len(t.answer_ids) for t in tf])})
+        before.append(
+            {
+                "tf": tf,
+                "gen": greedy_continuations(model, tokenizer, prompts, [len(t.answer_ids) for t in tf]),
+            }
+        )
 
     # One-time setup (prefix sampling, covariance statistics) is timed apart from the edits.
     started = time.perf_counter()
@@ -94,7 +102,10 @@ def run(model, tokenizer, cases, covariance: str, layer: int | None):
         scores = score_case(edited, tokenizer, case, pre)
         model = edited.unload_edits()
         records.append({"case_id": case.case_id, "seconds": seconds[-1], **scores})
-        print(f"  case {case.case_id}: {seconds[-1]:.1f}s " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+        print(
+            f"  case {case.case_id}: {seconds[-1]:.1f}s "
+            + " ".join(f"{k}={v:.2f}" for k, v in scores.items())
+        )
     keys = [k for k in records[0] if k not in ("case_id", "seconds")]
     summary = {k: statistics.mean(r[k] for r in records) for k in keys}
     summary.update(
@@ -108,7 +119,9 @@ def run(model, tokenizer, cases, covariance: str, layer: int | None):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--limit", type=int, default=50, help="records per data file")
     parser.add_argument("--data", nargs="+", default=list(FILES), choices=list(FILES))
     parser.add_argument("--covariance", nargs="+", default=["sampled"], choices=list(COVARIANCE))
@@ -124,14 +137,18 @@ def main() -> None:
             cases = load_counterfact(FILES[name], limit=args.limit)
             print(f"{name}, covariance={covariance}: {len(cases)} cases")
             model, summary, records = run(model, tokenizer, cases, covariance, args.layer)
-            results["runs"].append({"data": name, "covariance": covariance, "summary": summary, "records": records})
+            results["runs"].append(
+                {"data": name, "covariance": covariance, "summary": summary, "records": records}
+            )
 
     columns = [k for k in results["runs"][0]["summary"] if k not in ("layer", "cases")]
     print("\n| data | covariance | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for run_ in results["runs"]:
         s = run_["summary"]
-        print(f"| {run_['data']} | {run_['covariance']} | " + " | ".join(f"{s[c]:.2f}" for c in columns) + " |")
+        print(
+            f"| {run_['data']} | {run_['covariance']} | " + " | ".join(f"{s[c]:.2f}" for c in columns) + " |"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.output}")

@@ -33,11 +33,16 @@ def main() -> None:
     before = {p: answer(model, tokenizer, p) for p in prompts}
 
     request = EditRequest(
-        prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
+        prompt="{} is located in the city of",
+        subject="The Eiffel Tower",
+        target_new="Rome",
+        target_true="Paris",
     )
     started = time.perf_counter()
     edited = get_edited_model(model, RomeConfig(), requests=[request], tokenizer=tokenizer)
-    print(f"\nEdit written in {time.perf_counter() - started:.1f} s (first run includes covariance statistics)\n")
+    print(
+        f"\nEdit written in {time.perf_counter() - started:.1f} s (first run includes covariance statistics)\n"
+    )
 
     print(f"{'prompt':52} {'before':18} after")
     for p in prompts:
@@ -48,7 +53,10 @@ def main() -> None:
         base = edited.unload_edits()  # the original model, bit-identical
         reloaded = PeftModel.from_pretrained(base, folder)
         print(f"\nSaved and reloaded from {folder}: {answer(reloaded, tokenizer, prompts[0])!r}")
-        print("The adapter holds:", [r["subject"] + " -> " + r["target_new"] for e in reloaded.ledger for r in e["requests"]])
+        print(
+            "The adapter holds:",
+            [r["subject"] + " -> " + r["target_new"] for e in reloaded.ledger for r in e["requests"]],
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .requests import pad_token_id
+
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -21,7 +23,7 @@ def sample_context_templates(
     """
     templates = ["{}"]
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for length in lengths:
@@ -30,7 +32,9 @@ def sample_context_templates(
             width = max(len(e) for e in encoded)
             # Left-pad so every row continues from its last real token.
             input_ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+            attention_mask = torch.tensor(
+                [[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device
+            )
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

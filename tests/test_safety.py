@@ -24,7 +24,9 @@ from peft_edit import (
 )
 
 REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")
-FAST = dict(stats_corpus="identity", v_num_steps=3, context_template_lengths=[3], context_templates_per_length=1)
+FAST = dict(
+    stats_corpus="identity", v_num_steps=3, context_template_lengths=[3], context_templates_per_length=1
+)
 
 
 def snapshot(model):
@@ -41,7 +43,9 @@ def assert_untouched(model, before):
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
     model, tokenizer = tiny_model_and_tokenizer("llama")
-    edited = get_edited_model(model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False)
+    edited = get_edited_model(
+        model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False
+    )
     folder = tmp_path_factory.mktemp("adapter") / "edit"
     edited.save_pretrained(folder)
     return folder, tokenizer
@@ -97,7 +101,9 @@ def test_a_failing_edit_leaves_the_model_as_it_was(monkeypatch):
 
 def test_a_failing_edit_call_rolls_the_adapter_back(monkeypatch):
     model, tokenizer = tiny_model_and_tokenizer("llama")
-    edited = get_edited_model(model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False)
+    edited = get_edited_model(
+        model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False
+    )
     ledger, weights = edited.ledger, snapshot(edited)
     real = peft_edit.tuners.rome.model.compute_key_and_delta
     calls = []

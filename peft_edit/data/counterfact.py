@@ -50,7 +50,9 @@ def _easyedit_case(record: dict, where: str) -> EditCase:
         case_id=str(record.get("case_id", where)),
         request=request,
         rephrases=[_field(record, "rephrase_prompt", where)],
-        neighbors=[Probe(_field(record, "locality_prompt", where), _field(record, "locality_ground_truth", where))],
+        neighbors=[
+            Probe(_field(record, "locality_prompt", where), _field(record, "locality_ground_truth", where))
+        ],
     )
 
 
@@ -66,7 +68,9 @@ def load_counterfact(path: str | os.PathLike, limit: int | None = None) -> list[
         if not isinstance(record, dict):
             raise MalformedRecordError(f"{where}: expected an object, got {type(record).__name__}.")
         try:
-            case = _rome_case(record, where) if "requested_rewrite" in record else _easyedit_case(record, where)
+            case = (
+                _rome_case(record, where) if "requested_rewrite" in record else _easyedit_case(record, where)
+            )
         except (TypeError, ValueError) as err:
             if isinstance(err, MalformedRecordError):
                 raise

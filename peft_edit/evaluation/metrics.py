@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..requests import tokenize_continuation
+from ..requests import pad_token_id, tokenize_continuation
 
 
 @dataclass
@@ -36,10 +36,6 @@ class TeacherForced:
         return sum(a == t for a, t in zip(self.argmax_ids, self.answer_ids)) / len(self.answer_ids)
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def teacher_forced(
     model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
@@ -52,7 +48,7 @@ def teacher_forced(
         chunk = encoded[start : start + batch_size]
         rows = [p + a for p, a in chunk]
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
+        ids = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
@@ -83,11 +79,15 @@ def greedy_continuations(
     for start in range(0, len(prompts), batch_size):
         chunk = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
-        ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(c)) + c for c in chunk], device=device)
+        ids = torch.tensor([[pad_token_id(tokenizer)] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
         steps = max(lengths[start : start + batch_size])
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=_pad_id(tokenizer)
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=pad_token_id(tokenizer),
         )
         for row, n in zip(out[:, width:], lengths[start : start + batch_size]):
             outputs.append(tokenizer.decode(row[:n], skip_special_tokens=True))

@@ -23,19 +23,27 @@ class EditConfig(PeftConfig):
 
     target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Full names of the modules the edits change. Left empty, the method chooses them from the model."},
+        metadata={
+            "help": "Full names of the modules the edits change. Left empty, the method chooses them from the model."
+        },
     )
     layers_path: str | None = field(
         default=None,
-        metadata={"help": "Dotted path of the transformer block list (e.g. 'model.layers'), for models peft-edit does not know."},
+        metadata={
+            "help": "Dotted path of the transformer block list (e.g. 'model.layers'), for models peft-edit does not know."
+        },
     )
     mlp_out_path: str | None = field(
         default=None,
-        metadata={"help": "Path of the MLP output projection inside a block (e.g. 'mlp.down_proj'), for unknown models."},
+        metadata={
+            "help": "Path of the MLP output projection inside a block (e.g. 'mlp.down_proj'), for unknown models."
+        },
     )
     edits: list[dict[str, Any]] = field(
         default_factory=list,
-        metadata={"help": "The ledger: one entry per edit the adapter holds (the request and where it is stored)."},
+        metadata={
+            "help": "The ledger: one entry per edit the adapter holds (the request and where it is stored)."
+        },
     )
     base_fingerprints: dict[str, str] = field(
         default_factory=dict,
@@ -43,7 +51,9 @@ class EditConfig(PeftConfig):
     )
     verify_base_weights: bool = field(
         default=True,
-        metadata={"help": "Refuse to apply the adapter to weights that differ from those it was computed against."},
+        metadata={
+            "help": "Refuse to apply the adapter to weights that differ from those it was computed against."
+        },
     )
 
     method = "edit"  # class attribute: the name the method is registered under
@@ -79,7 +89,10 @@ class EditConfig(PeftConfig):
     # ---------------------------------------------------------------- ledger
     def module_rank(self, module_name: str) -> int:
         """Total rank the ledger assigns to ``module_name`` (derived, never stored twice)."""
-        return max((entry["modules"][module_name][1] for entry in self.edits if module_name in entry["modules"]), default=0)
+        return max(
+            (entry["modules"][module_name][1] for entry in self.edits if module_name in entry["modules"]),
+            default=0,
+        )
 
     def requests(self) -> list[EditRequest]:
         """The requests this adapter holds, oldest first."""

@@ -36,7 +36,9 @@ class EditTuner(BaseTuner):
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage=False, state_dict=None) -> None:
         self._tokenizer = None
-        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        super().__init__(
+            model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+        )
 
     # ------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: EditConfig, model_config: dict) -> EditConfig:
@@ -53,7 +55,10 @@ class EditTuner(BaseTuner):
 
     @staticmethod
     def _check_fingerprints(model: nn.Module, config: EditConfig) -> None:
-        current = {name: weight_fingerprint(_base_weight(model.get_submodule(name))) for name in config.target_modules}
+        current = {
+            name: weight_fingerprint(_base_weight(model.get_submodule(name)))
+            for name in config.target_modules
+        }
         if not config.base_fingerprints:
             config.base_fingerprints = current  # a new adapter: remember what it is computed against
             return
@@ -66,7 +71,9 @@ class EditTuner(BaseTuner):
                 "`verify_base_weights=False` to peft_edit.load_edited_model (or set it on the loaded config)."
             )
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw
+    ):
         rank = peft_config.module_rank(current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, rank)
@@ -89,10 +96,14 @@ class EditTuner(BaseTuner):
     def _active_adapter_name(self, adapter_name: str | None) -> str:
         if adapter_name is not None:
             if adapter_name not in self.peft_config:
-                raise ValueError(f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+                raise ValueError(
+                    f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}."
+                )
             return adapter_name
         if len(self.active_adapters) != 1:
-            raise ValueError(f"Several adapters are active ({self.active_adapters}); say which to edit with adapter_name=.")
+            raise ValueError(
+                f"Several adapters are active ({self.active_adapters}); say which to edit with adapter_name=."
+            )
         return self.active_adapters[0]
 
     def edit(
@@ -112,11 +123,15 @@ class EditTuner(BaseTuner):
         requests = as_requests(requests)
         tokenizer = tokenizer if tokenizer is not None else self._tokenizer
         if tokenizer is None:
-            raise ValueError("Editing needs the model's tokenizer: pass tokenizer=... (it is remembered afterwards).")
+            raise ValueError(
+                "Editing needs the model's tokenizer: pass tokenizer=... (it is remembered afterwards)."
+            )
         check_requests_tokenize(tokenizer, requests)
         self._tokenizer = tokenizer
         if any(isinstance(m, BaseTunerLayer) and m.disable_adapters for m in self.model.modules()):
-            raise RuntimeError("Edits are computed on the edited model; enable the adapter before calling edit().")
+            raise RuntimeError(
+                "Edits are computed on the edited model; enable the adapter before calling edit()."
+            )
 
         step = self.requests_per_step or len(requests)
         groups = [requests[i : i + step] for i in range(0, len(requests), step)]
@@ -128,7 +143,9 @@ class EditTuner(BaseTuner):
                 payloads = self.compute_edit(config, group, tokenizer)
                 entry = {
                     "requests": [r.to_dict() for r in group],
-                    "modules": {name: list(self._layer(name).append(adapter_name, *p)) for name, p in payloads.items()},
+                    "modules": {
+                        name: list(self._layer(name).append(adapter_name, *p)) for name, p in payloads.items()
+                    },
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 config.edits.append(entry)

@@ -40,9 +40,16 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------- state
     def update_layer(self, adapter_name: str, rank: int) -> None:
         weight = self.get_base_layer().weight
-        factory = {"device": weight.device, "dtype": torch.float32 if not weight.is_floating_point() else weight.dtype}
-        self.delta_A[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory), requires_grad=False)
-        self.delta_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory), requires_grad=False)
+        factory = {
+            "device": weight.device,
+            "dtype": torch.float32 if not weight.is_floating_point() else weight.dtype,
+        }
+        self.delta_A[adapter_name] = nn.Parameter(
+            torch.zeros(rank, self.in_features, **factory), requires_grad=False
+        )
+        self.delta_B[adapter_name] = nn.Parameter(
+            torch.zeros(self.out_features, rank, **factory), requires_grad=False
+        )
         self.set_adapter(self.active_adapters)
 
     def rank(self, adapter_name: str) -> int:
@@ -100,7 +107,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             delta = self.get_delta_weight(name).to(base.weight.dtype)
             merged = base.weight.data + delta
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"Merging edit adapter {name!r} would put non-finite values into the weights.")
+                raise ValueError(
+                    f"Merging edit adapter {name!r} would put non-finite values into the weights."
+                )
             if self._weight_before_merge is None:
                 self._weight_before_merge = base.weight.data.clone()
             base.weight.data = merged

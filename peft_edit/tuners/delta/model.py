@@ -53,6 +53,8 @@ class DeltaTuner(EditTuner):
             base_model_name_or_path=config.base_model_name_or_path,
         )
         with atomic_directory(path) as staging:
-            save_file(state_dict, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
+            save_file(
+                state_dict, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"}
+            )
             lora_config.save_pretrained(str(staging))
         return lora_config

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...architectures import Layout
 from ...edit_site import AlignedBatch, EditSiteRunner
-from ...requests import EditRequest, fill, subject_last_token_index, tokenize_continuation
+from ...requests import EditRequest, fill, pad_token_id, subject_last_token_index, tokenize_continuation
 
 
 @dataclass
@@ -37,11 +37,15 @@ class RewriteRows:
     n_rewrite: int
 
 
-def build_rows(tokenizer, request: EditRequest, context_templates: list[str], kl_prompts: list[str]) -> RewriteRows:
+def build_rows(
+    tokenizer, request: EditRequest, context_templates: list[str], kl_prompts: list[str]
+) -> RewriteRows:
     ids, sites, targets, positions, kl_last = [], [], [], [], []
     for context in context_templates:
         template = context.replace("{}", request.template)
-        prompt_ids, target_ids = tokenize_continuation(tokenizer, fill(template, request.subject), request.target_new)
+        prompt_ids, target_ids = tokenize_continuation(
+            tokenizer, fill(template, request.subject), request.target_new
+        )
         ids.append(prompt_ids + target_ids[:-1])
         sites.append(subject_last_token_index(tokenizer, template, request.subject))
         targets.append(target_ids)
@@ -75,7 +79,7 @@ def compute_key_and_delta(
 ) -> KeyValue:
     """Steps 1 and 2: k* and δ, sharing one set of forward passes."""
     rows = build_rows(tokenizer, request, context_templates, hp.kl_prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     batch = AlignedBatch.build(rows.ids, rows.sites, pad_id, device=device)
     n = rows.n_rewrite
@@ -133,10 +137,14 @@ def compute_key_and_delta(
                         delta.mul_(max_norm / norm)
     finally:
         model.train(was_training)
-    return KeyValue(k_star=k_star, delta=best_delta, v_norm=float(v_init.norm()), final_loss=best_loss, steps=step)
+    return KeyValue(
+        k_star=k_star, delta=best_delta, v_norm=float(v_init.norm()), final_loss=best_loss, steps=step
+    )
 
 
-def rank_one_factors(k_star: torch.Tensor, delta: torch.Tensor, solve_covariance) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one_factors(
+    k_star: torch.Tensor, delta: torch.Tensor, solve_covariance
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: factors (A, B) of ΔW = B A = δ uᵀ with u = C⁻¹k* / (k*ᵀ C⁻¹ k*).
 
     ``solve_covariance(k)`` returns C⁻¹ k (the identity when covariance is off).

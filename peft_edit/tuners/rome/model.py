@@ -27,7 +27,9 @@ class RomeTuner(DeltaTuner):
         site = self.model.get_submodule(target)
         templates = self.context_templates(config, tokenizer)
         solve = self.covariance_solver(config, tokenizer)
-        kv = compute_key_and_delta(self.model, tokenizer, request, layout, config.layer, site, templates, config)
+        kv = compute_key_and_delta(
+            self.model, tokenizer, request, layout, config.layer, site, templates, config
+        )
         A, B = rank_one_factors(kv.k_star, kv.delta, solve)
         return {target: (A, B)}
 
@@ -36,7 +38,11 @@ class RomeTuner(DeltaTuner):
         key = (tuple(config.context_template_lengths), config.context_templates_per_length, config.seed)
         if key not in cache:
             cache[key] = sample_context_templates(
-                self.model, tokenizer, config.context_template_lengths, config.context_templates_per_length, config.seed
+                self.model,
+                tokenizer,
+                config.context_template_lengths,
+                config.context_templates_per_length,
+                config.seed,
             )
         return cache[key]
 
