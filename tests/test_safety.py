@@ -187,3 +187,25 @@ def test_importing_twice_registers_once():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-1500:]
+
+
+def test_safe_merge_refuses_non_finite_weights(saved_adapter):
+    folder, _ = saved_adapter
+    loaded = load_edited_model(tiny_model("llama"), folder)
+    layer = loaded.get_base_model().get_submodule("model.layers.1.mlp.down_proj")
+    before = layer.get_base_layer().weight.detach().clone()
+    layer.delta_B["default"].data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        loaded.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before)
+
+
+def test_cli_info_lists_the_edits(saved_adapter, capsys):
+    from peft_edit.cli import main
+
+    folder, _ = saved_adapter
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "method:         rome" in out
+    assert "The Eiffel Tower is located in the city of -> 'Rome'" in out
+    assert main(["info", str(folder.parent / "missing")]) == 2
