@@ -72,8 +72,8 @@ def score_case(model, tokenizer, case, before):
     }
 
 
-def run(model, tokenizer, cases, covariance: str, layer: int | None):
-    config = RomeConfig(stats_corpus=COVARIANCE[covariance], layer=layer)
+def run(model, tokenizer, cases, covariance: str, overrides: dict):
+    config = RomeConfig(stats_corpus=COVARIANCE[covariance], **overrides)
     # Neighbour answers of the unedited model, computed once.
     before = []
     for case in cases:
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=list(FILES), choices=list(FILES))
     parser.add_argument("--covariance", nargs="+", default=["sampled"], choices=list(COVARIANCE))
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: RomeConfig's rule)")
+    parser.add_argument("--early-stop-loss", type=float, default=None, help="RomeConfig.early_stop_loss override")
+    parser.add_argument("--v-num-steps", type=int, default=None, help="RomeConfig.v_num_steps override")
     parser.add_argument("--output", type=Path, default=RESULTS / "rome.json")
     args = parser.parse_args()
 
@@ -136,7 +138,9 @@ def main() -> None:
         for name in args.data:
             cases = load_counterfact(FILES[name], limit=args.limit)
             print(f"{name}, covariance={covariance}: {len(cases)} cases")
-            model, summary, records = run(model, tokenizer, cases, covariance, args.layer)
+            overrides = {"layer": args.layer, "early_stop_loss": args.early_stop_loss, "v_num_steps": args.v_num_steps}
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            model, summary, records = run(model, tokenizer, cases, covariance, overrides)
             results["runs"].append(
                 {"data": name, "covariance": covariance, "summary": summary, "records": records}
             )
