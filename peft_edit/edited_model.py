@@ -50,8 +50,7 @@ def get_edited_model(
     config = copy.deepcopy(config)  # the caller's config object stays reusable
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    config.resolve(model)
-    edited = EditedModel(model, config, adapter_name=adapter_name)
+    edited = EditedModel(model, config, adapter_name=adapter_name)  # resolves and checks before injecting
     if tokenizer is not None:
         edited.base_model._tokenizer = tokenizer
     if requests:

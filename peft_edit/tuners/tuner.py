@@ -8,6 +8,7 @@ from :func:`peft_edit.get_edited_model` or from ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -172,8 +173,6 @@ class EditTuner(BaseTuner):
     @property
     def ledger(self) -> list[dict[str, Any]]:
         """The active adapter's edits, oldest first (a copy)."""
-        import copy
-
         return copy.deepcopy(self.peft_config[self._active_adapter_name(None)].edits)
 
     def edited_requests(self, adapter_name: str | None = None) -> list[EditRequest]:
