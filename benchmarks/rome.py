@@ -126,7 +126,9 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=list(FILES), choices=list(FILES))
     parser.add_argument("--covariance", nargs="+", default=["sampled"], choices=list(COVARIANCE))
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: RomeConfig's rule)")
-    parser.add_argument("--early-stop-loss", type=float, default=None, help="RomeConfig.early_stop_loss override")
+    parser.add_argument(
+        "--early-stop-loss", type=float, default=None, help="RomeConfig.early_stop_loss override"
+    )
     parser.add_argument("--v-num-steps", type=int, default=None, help="RomeConfig.v_num_steps override")
     parser.add_argument("--output", type=Path, default=RESULTS / "rome.json")
     args = parser.parse_args()
@@ -138,7 +140,11 @@ def main() -> None:
         for name in args.data:
             cases = load_counterfact(FILES[name], limit=args.limit)
             print(f"{name}, covariance={covariance}: {len(cases)} cases")
-            overrides = {"layer": args.layer, "early_stop_loss": args.early_stop_loss, "v_num_steps": args.v_num_steps}
+            overrides = {
+                "layer": args.layer,
+                "early_stop_loss": args.early_stop_loss,
+                "v_num_steps": args.v_num_steps,
+            }
             overrides = {k: v for k, v in overrides.items() if v is not None}
             model, summary, records = run(model, tokenizer, cases, covariance, overrides)
             results["runs"].append(

@@ -156,13 +156,17 @@ class EditSiteRunner:
         return out.last_hidden_state
 
     def final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (rows, T - split, hidden) with ``delta`` added to the site's output at column split."""
+        """Last hidden states (rows, T - split, hidden) with ``delta`` added to the site's output at column split.
+
+        ``delta`` is one vector for every row, or one row of it per batch row.
+        """
+        per_row = delta[:, None, :] if delta.dim() == 2 else delta
 
         def add_delta(_module, _args, output):
             by_row = self._by_row(output)
             at_site = torch.zeros(by_row.shape[1], 1, dtype=output.dtype, device=output.device)
             at_site[0] = 1
-            return (by_row + at_site * delta.to(output.dtype)).view_as(output)
+            return (by_row + at_site * per_row.to(output.dtype)).view_as(output)
 
         handle = self.site.register_forward_hook(add_delta)
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from peft_edit.tuners.rome.algorithm import rank_one_factors
+from peft_edit.tuners.rome.algorithm import rank_one_factors, update_direction
 
 
 def test_update_maps_the_key_to_the_new_value_exactly():
@@ -14,7 +14,7 @@ def test_update_maps_the_key_to_the_new_value_exactly():
     delta = torch.randn(d_out, generator=g)
     X = torch.randn(200, d_in, generator=g)
     C = X.T @ X / 200
-    A, B = rank_one_factors(k, delta, lambda v: torch.linalg.solve(C.double(), v))
+    A, B = rank_one_factors(update_direction(k, lambda v: torch.linalg.solve(C.double(), v)), delta)
     assert A.shape == (1, d_in) and B.shape == (d_out, 1)
     torch.testing.assert_close((B @ A @ k), delta, atol=1e-5, rtol=1e-5)
 
@@ -28,7 +28,7 @@ def test_update_is_smallest_under_the_key_covariance():
     delta = torch.randn(d_out, generator=g)
     X = torch.randn(500, d_in, generator=g) * torch.linspace(0.2, 3.0, d_in)
     C = (X.T @ X / 500).double()
-    A, B = rank_one_factors(k, delta, lambda v: torch.linalg.solve(C, v))
+    A, B = rank_one_factors(update_direction(k, lambda v: torch.linalg.solve(C, v)), delta)
 
     def disturbance(a):
         return float((B.double() @ a.double() @ C @ a.double().T @ B.double().T).trace())
@@ -42,5 +42,5 @@ def test_update_is_smallest_under_the_key_covariance():
 
 def test_identity_covariance_gives_the_plain_projection():
     k = torch.tensor([3.0, 4.0])
-    A, B = rank_one_factors(k, torch.tensor([1.0]), lambda v: v)
+    A, B = rank_one_factors(update_direction(k, lambda v: v), torch.tensor([1.0]))
     torch.testing.assert_close(A, torch.tensor([[3.0, 4.0]]) / 25)

@@ -11,6 +11,11 @@ For one request (subject s, prompt p, new object o*) at the MLP output projectio
 
 The same averaged k* is used in step 3 as in step 1, so ΔW k* = δ exactly (the fix of R-ROME; the
 original implementation used the un-prefixed key in the denominator, which made edits unstable).
+
+u depends only on k*, which is known before δ is optimised, so step 2 optimises the edit as it
+will act: a prompt whose key is k_i receives (uᵀk_i) δ, not δ. Without this, prompts whose key
+is far from the average (typically the bare prompt, without a prefix) got as little as a third of
+δ after the update and the edit failed there.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def build_rows(
 @dataclass
 class KeyValue:
     k_star: torch.Tensor  # (in,)
+    u: torch.Tensor  # (in,): C⁻¹k* / (k*ᵀC⁻¹k*)
     delta: torch.Tensor  # (out,)
     v_norm: float  # ||W k*|| at the start, the scale of the clamp
     final_loss: float
@@ -76,8 +82,9 @@ def compute_key_and_delta(
     site: nn.Module,
     context_templates: list[str],
     hp,
+    solve_covariance,
 ) -> KeyValue:
-    """Steps 1 and 2: k* and δ, sharing one set of forward passes."""
+    """Steps 1 and 2: k* and δ, sharing one set of forward passes (``solve_covariance(k) = C⁻¹k``)."""
     rows = build_rows(tokenizer, request, context_templates, hp.kl_prompts)
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
@@ -102,6 +109,8 @@ def compute_key_and_delta(
     try:
         with EditSiteRunner(model, layout, layer, site, batch) as runner:
             k_star = runner.site_input[:n].mean(0)
+            u = update_direction(k_star, solve_covariance)
+            reach = (runner.site_input.double() @ u.double()).float()[:, None]  # uᵀk_i for every row
             v_init = runner.site_output[:n].mean(0)
             max_norm = hp.clamp_norm_factor * v_init.norm()
             delta = torch.zeros_like(v_init, requires_grad=True)
@@ -111,7 +120,7 @@ def compute_key_and_delta(
             best_loss, best_delta, step = float("inf"), delta.detach().clone(), 0
             for step in range(1, hp.v_num_steps + 1):
                 optimizer.zero_grad()
-                hidden = runner.final_hidden(delta)
+                hidden = runner.final_hidden(reach * delta)
                 logp = runner.log_probs(hidden, nll_rows + kl_rows, nll_cols + kl_cols)
                 nll = -(logp[: len(nll_rows)].gather(1, nll_tokens[:, None]).squeeze(1) * nll_weights).sum()
                 kl_logp = logp[len(nll_rows) :]
@@ -138,18 +147,17 @@ def compute_key_and_delta(
     finally:
         model.train(was_training)
     return KeyValue(
-        k_star=k_star, delta=best_delta, v_norm=float(v_init.norm()), final_loss=best_loss, steps=step
+        k_star=k_star, u=u, delta=best_delta, v_norm=float(v_init.norm()), final_loss=best_loss, steps=step
     )
 
 
-def rank_one_factors(
-    k_star: torch.Tensor, delta: torch.Tensor, solve_covariance
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: factors (A, B) of ΔW = B A = δ uᵀ with u = C⁻¹k* / (k*ᵀ C⁻¹ k*).
-
-    ``solve_covariance(k)`` returns C⁻¹ k (the identity when covariance is off).
-    """
+def update_direction(k_star: torch.Tensor, solve_covariance) -> torch.Tensor:
+    """u = C⁻¹k* / (k*ᵀ C⁻¹ k*), so that uᵀk* = 1. ``solve_covariance(k)`` returns C⁻¹k (k itself when C = I)."""
     k = k_star.double()
     c_inv_k = solve_covariance(k).double()
-    u = c_inv_k / (k @ c_inv_k)
+    return (c_inv_k / (k @ c_inv_k)).float()
+
+
+def rank_one_factors(u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: factors (A, B) of ΔW = B A = δ uᵀ."""
     return u.float()[None, :], delta.float()[:, None]

@@ -28,9 +28,9 @@ class RomeTuner(DeltaTuner):
         templates = self.context_templates(config, tokenizer)
         solve = self.covariance_solver(config, tokenizer)
         kv = compute_key_and_delta(
-            self.model, tokenizer, request, layout, config.layer, site, templates, config
+            self.model, tokenizer, request, layout, config.layer, site, templates, config, solve
         )
-        A, B = rank_one_factors(kv.k_star, kv.delta, solve)
+        A, B = rank_one_factors(kv.u, kv.delta)
         return {target: (A, B)}
 
     def context_templates(self, config: RomeConfig, tokenizer) -> list[str]:
