@@ -68,7 +68,7 @@ class KeyValue:
     k_star: torch.Tensor  # (in,)
     u: torch.Tensor  # (in,): C⁻¹k* / (k*ᵀC⁻¹k*)
     delta: torch.Tensor  # (out,)
-    v_norm: float  # ||W k*|| at the start, the scale of the clamp
+    v_norm: float  # norm of the site's original output at the subject (mean over prompts): the clamp's scale
     final_loss: float
     steps: int
 
