@@ -14,6 +14,10 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
+# method name -> its config class, filled by register_edit_method (the CLI and the evaluation
+# harness look methods up here).
+EDIT_METHODS: dict[str, type] = {}
+
 HINT = " (a peft-edit adapter: run `import peft_edit` before loading it)"
 
 
@@ -40,6 +44,7 @@ def add_peft_type(method: str) -> PeftType:
 
 def register_edit_method(method: str, config_cls, model_cls) -> None:
     """Register one edit method with peft (once per process)."""
+    EDIT_METHODS[method] = config_cls
     peft_type = add_peft_type(method)
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
         return
@@ -48,3 +53,11 @@ def register_edit_method(method: str, config_cls, model_cls) -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+
+
+def edit_method_config(method: str, **fields):
+    """A config of the method registered as ``method`` (``"rome"``, ``"memit"``, ...), with ``fields`` set."""
+    key = method.lower().replace("_", "-")
+    if key not in EDIT_METHODS:
+        raise ValueError(f"Unknown edit method {method!r}; known methods: {', '.join(sorted(EDIT_METHODS))}.")
+    return EDIT_METHODS[key](**fields)
