@@ -91,7 +91,13 @@ class EditTuner(BaseTuner):
 
     # ----------------------------------------------------------------- edits
     def compute_edit(self, config: EditConfig, requests: list[EditRequest], tokenizer) -> dict[str, Any]:
-        """Return ``{module_name: payload}`` for the layer class's ``append``; the model is as edited so far."""
+        """Return ``{module_name: payload}`` for the layer class's ``append``; the model is as edited so far.
+
+        A layer class implements ``append(adapter, *payload) -> (start, stop)`` (the slice of its
+        size the edit occupies, recorded in the ledger; loading builds each layer at the size the
+        ledger gives), ``snapshot(adapter)`` and ``restore(adapter, snapshot)`` (a failed ``edit``
+        call is undone with them).
+        """
         raise NotImplementedError
 
     def _active_adapter_name(self, adapter_name: str | None) -> str:
@@ -137,6 +143,7 @@ class EditTuner(BaseTuner):
         step = self.requests_per_step or len(requests)
         groups = [requests[i : i + step] for i in range(0, len(requests), step)]
         held_before = len(config.edits)
+        snapshots = {name: self._layer(name).snapshot(adapter_name) for name in config.target_modules}
         new_entries = []
         try:
             for group in tqdm(groups, desc=f"{config.method} edits", disable=not progress or len(groups) < 2):
@@ -152,7 +159,10 @@ class EditTuner(BaseTuner):
                 config.edits.append(entry)
                 new_entries.append(entry)
         except BaseException:
-            self._roll_back(adapter_name, held_before)
+            # Back to the state before the call: the ledger and every targeted layer.
+            del config.edits[held_before:]
+            for name, snapshot in snapshots.items():
+                self._layer(name).restore(adapter_name, snapshot)
             raise
         return new_entries
 
@@ -161,13 +171,6 @@ class EditTuner(BaseTuner):
         if not isinstance(layer, self.tuner_layer_cls):
             raise RuntimeError(f"{module_name} is not an edit layer; was the adapter unloaded?")
         return layer
-
-    def _roll_back(self, adapter_name: str, keep: int) -> None:
-        """Forget every edit after the first ``keep`` ones (used when a call fails half-way)."""
-        config: EditConfig = self.peft_config[adapter_name]
-        dropped, config.edits[:] = config.edits[keep:], config.edits[:keep]
-        for name in {name for entry in dropped for name in entry["modules"]}:
-            self._layer(name).truncate(adapter_name, config.module_rank(name))
 
     # ----------------------------------------------------------- inspection
     @property

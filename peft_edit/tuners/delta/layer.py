@@ -74,15 +74,18 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             base.weight.data += self._to_weight_layout(B @ A).to(base.weight.dtype)
         return start, start + A.shape[0]
 
+    def snapshot(self, adapter_name: str):
+        """What :meth:`restore` needs to undo every later ``append`` (appends never modify in place)."""
+        return self.delta_A[adapter_name], self.delta_B[adapter_name]
+
     @torch.no_grad()
-    def truncate(self, adapter_name: str, rank: int) -> None:
-        """Keep only the first ``rank`` components (drops the edits stored after them)."""
-        A, B = self.delta_A[adapter_name], self.delta_B[adapter_name]
+    def restore(self, adapter_name: str, snapshot) -> None:
+        A, B = snapshot
         if adapter_name in self.merged_adapters:
             base = self.get_base_layer()
-            base.weight.data -= self._to_weight_layout(B[:, rank:] @ A[rank:]).to(base.weight.dtype)
-        self.delta_A[adapter_name] = nn.Parameter(A[:rank].clone(), requires_grad=False)
-        self.delta_B[adapter_name] = nn.Parameter(B[:, :rank].clone(), requires_grad=False)
+            # Applied in one step (not edit by edit) so the merged weight matches a fresh merge of A, B.
+            base.weight.data = self._weight_before_merge + self._to_weight_layout(B @ A).to(base.weight.dtype)
+        self.delta_A[adapter_name], self.delta_B[adapter_name] = A, B
 
     def _to_weight_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
         return delta_out_in.T if self.is_conv1d else delta_out_in
