@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
@@ -19,7 +20,8 @@ class DeltaTuner(EditTuner):
         """Write the edits as a stock LoRA adapter that plain peft loads, without peft_edit.
 
         The factors are written as they are (``lora_alpha == r`` per module, so LoRA's scaling is
-        1), which makes the export exact rather than an SVD approximation.
+        1), which makes the export exact rather than an SVD approximation. A layer holding a dense
+        delta is factored by SVD at the delta's full numerical rank: exact up to float rounding.
         """
         adapter_name = self._active_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
@@ -29,12 +31,13 @@ class DeltaTuner(EditTuner):
             rank = layer.rank(adapter_name)
             if rank == 0:
                 continue
-            ranks[name] = rank
             if layer.is_conv1d:
                 conv1d.add(name)
+            A, B = lora_factors(layer, adapter_name)
+            ranks[name] = A.shape[0]
             prefix = f"base_model.model.{name}"
-            state_dict[f"{prefix}.lora_A.weight"] = layer.delta_A[adapter_name].detach().contiguous().clone()
-            state_dict[f"{prefix}.lora_B.weight"] = layer.delta_B[adapter_name].detach().contiguous().clone()
+            state_dict[f"{prefix}.lora_A.weight"] = A
+            state_dict[f"{prefix}.lora_B.weight"] = B
         if not state_dict:
             raise ValueError("The adapter holds no edits yet; there is nothing to export as LoRA.")
         if conv1d and conv1d != set(ranks):
@@ -58,3 +61,20 @@ class DeltaTuner(EditTuner):
             )
             lora_config.save_pretrained(str(staging))
         return lora_config
+
+
+@torch.no_grad()
+def lora_factors(layer: DeltaLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``B @ A`` equal to the layer's delta (exactly for factors; up to rounding if dense)."""
+    if not layer.is_dense(adapter_name):
+        return (
+            layer.delta_A[adapter_name].detach().contiguous().clone(),
+            layer.delta_B[adapter_name].detach().contiguous().clone(),
+        )
+    delta = layer.delta_dense[adapter_name].detach()
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    keep = int((S > S[0] * torch.finfo(delta.dtype).eps * max(delta.shape)).sum()) if S.numel() else 0
+    keep = max(keep, 1)
+    B = (U[:, :keep] * S[:keep]).to(delta.dtype).contiguous()
+    A = Vh[:keep].to(delta.dtype).contiguous()
+    return A, B
