@@ -631,11 +631,13 @@ def model_identities(model: nn.Module, layout: Layout, layers: Iterable[int]) ->
         f"{type(model).__name__}|{getattr(config, 'name_or_path', '')}|{getattr(config, 'model_type', '')}"
     )
     embed = model.get_input_embeddings().weight
-    unused = _params_after_blocks(model, layout)
+    unused = _params_after_blocks(model, layout) | _adapter_params(model)
+    # Statistics describe the base model (they are computed with adapters disabled), so edit
+    # adapters injected into it neither add parameters nor rename the wrapped ones.
     fingerprints = {
-        name: _embedding_fingerprint(p) if p is embed else _weight_fingerprint(p)
+        name.replace(".base_layer.", "."): _embedding_fingerprint(p) if p is embed else _weight_fingerprint(p)
         for name, p in model.named_parameters()
-        if name not in unused and _before_key(layout, max(layers), name)
+        if name not in unused and _before_key(layout, max(layers), name.replace(".base_layer.", "."))
     }
     result = {}
     for layer in layers:
@@ -645,6 +647,18 @@ def model_identities(model: nn.Module, layout: Layout, layers: Iterable[int]) ->
                 digest.update(f"{name}:{fingerprint};".encode())
         result[layer] = digest.hexdigest()
     return result
+
+
+def _adapter_params(model: nn.Module) -> set[str]:
+    """Names of the parameters that adapter layers (peft tuner layers) add beside their base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = {id(p) for p in module.get_base_layer().parameters()}
+            names |= {f"{prefix}.{n}" for n, p in module.named_parameters() if id(p) not in base}
+    return names
 
 
 def _params_after_blocks(model: nn.Module, layout: Layout) -> set[str]:
