@@ -1,79 +1,64 @@
-"""CounterFact, in the original ROME schema or in EasyEdit's flattened schema."""
+"""CounterFact, in the original ROME schema or in EasyEdit's flattened schema.
+
+ROME schema (``requested_rewrite`` with a ``"{}"`` prompt; also MEMIT's ``multi_counterfact``):
+``paraphrase_prompts`` become rephrases, ``neighborhood_prompts`` neighbours that keep the true
+answer, ``generation_prompts`` the fluency prompts. ``attribute_prompts`` are left out: they name
+*other* subjects whose real answer already is the new target, so an edit toward that target
+cannot break them and they say nothing about locality.
+
+EasyEdit schema (``prompt`` with the subject written in): one rephrase and one neighbour
+(``locality_prompt`` → ``locality_ground_truth``).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from ..requests import EditRequest
 from .cases import EditCase, Probe
+from .records import MalformedRecordError, Record, load_file, make_request, probe_of
+
+__all__ = ["MalformedRecordError", "load_counterfact", "parse_counterfact"]
 
 
-class MalformedRecordError(ValueError):
-    """A record lacks a field or has one of the wrong type; the message names file, record and field."""
-
-
-def _field(record: dict, path: str, where: str):
-    value = record
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise MalformedRecordError(f"{where}: missing field {path!r}.")
-        value = value[part]
-    return value
-
-
-def _rome_case(record: dict, where: str) -> EditCase:
-    true = _field(record, "requested_rewrite.target_true.str", where)
-    request = EditRequest(
-        prompt=_field(record, "requested_rewrite.prompt", where),
-        subject=_field(record, "requested_rewrite.subject", where),
-        target_new=_field(record, "requested_rewrite.target_new.str", where),
+def _rome_case(record: Record) -> EditCase:
+    true = record.text("requested_rewrite.target_true.str")
+    request = make_request(
+        record,
+        prompt=record.text("requested_rewrite.prompt"),
+        subject=record.text("requested_rewrite.subject"),
+        target_new=record.text("requested_rewrite.target_new.str"),
         target_true=true,
     )
     return EditCase(
-        case_id=str(record.get("case_id", where)),
+        case_id=record.case_id(),
         request=request,
-        rephrases=list(_field(record, "paraphrase_prompts", where)),
-        neighbors=[Probe(p, true) for p in _field(record, "neighborhood_prompts", where)],
+        rephrases=record.texts("paraphrase_prompts"),
+        neighbors=[Probe(p, true) for p in record.texts("neighborhood_prompts")],
+        generation_prompts=record.texts("generation_prompts", required=False),
     )
 
 
-def _easyedit_case(record: dict, where: str) -> EditCase:
-    request = EditRequest(
-        prompt=_field(record, "prompt", where),
-        subject=_field(record, "subject", where),
-        target_new=_field(record, "target_new", where),
-        target_true=_field(record, "ground_truth", where),
+def _easyedit_case(record: Record) -> EditCase:
+    request = make_request(
+        record,
+        prompt=record.text("prompt"),
+        subject=record.text("subject"),
+        target_new=record.text("target_new"),
+        target_true=record.text("ground_truth"),
     )
     return EditCase(
-        case_id=str(record.get("case_id", where)),
+        case_id=record.case_id(),
         request=request,
-        rephrases=[_field(record, "rephrase_prompt", where)],
-        neighbors=[
-            Probe(_field(record, "locality_prompt", where), _field(record, "locality_ground_truth", where))
-        ],
+        rephrases=[record.text("rephrase_prompt")],
+        neighbors=probe_of(record, "locality_prompt", "locality_ground_truth"),
     )
+
+
+def parse_counterfact(record: Record) -> EditCase:
+    """One CounterFact record, in whichever of the two schemas it is written."""
+    return _rome_case(record) if record.has("requested_rewrite") else _easyedit_case(record)
 
 
 def load_counterfact(path: str | os.PathLike, limit: int | None = None) -> list[EditCase]:
     """Read a CounterFact file (ROME's ``requested_rewrite`` records or EasyEdit's flat ones)."""
-    path = Path(path)
-    records = json.loads(path.read_text())
-    if not isinstance(records, list):
-        raise MalformedRecordError(f"{path}: expected a JSON list of records.")
-    cases = []
-    for i, record in enumerate(records[:limit] if limit else records):
-        where = f"{path.name} record {i}"
-        if not isinstance(record, dict):
-            raise MalformedRecordError(f"{where}: expected an object, got {type(record).__name__}.")
-        try:
-            case = (
-                _rome_case(record, where) if "requested_rewrite" in record else _easyedit_case(record, where)
-            )
-        except (TypeError, ValueError) as err:
-            if isinstance(err, MalformedRecordError):
-                raise
-            raise MalformedRecordError(f"{where}: {err}") from err
-        cases.append(case)
-    return cases
+    return load_file(path, parse_counterfact, limit)
