@@ -79,6 +79,12 @@ class EditRequest:
         """The prompt with the subject written in."""
         return fill(self.template, self.subject)
 
+    @property
+    def fact(self) -> tuple[str, str]:
+        """What the request is about (subject, prompt template): two requests about one fact with
+        different targets contradict each other."""
+        return (self.subject.strip(), " ".join(self.template.split()))
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 

@@ -273,7 +273,9 @@ class _Run:
         def hook(module, args):
             if self.mask is None:  # not our forward (e.g. generation of the sampled corpus)
                 return None
-            self.captured[layer] = args[0][self.mask]  # (real tokens, in_features), row-major order
+            # (batch, tokens, in) — OPT's MLP sees them flattened to (batch * tokens, in).
+            keys = args[0].reshape(*self.mask.shape, args[0].shape[-1])
+            self.captured[layer] = keys[self.mask]  # (real tokens, in_features), row-major order
             if stop:
                 raise _StopForward
             return None

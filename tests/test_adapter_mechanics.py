@@ -1,8 +1,8 @@
-"""ROME edits as adapters on tiny models of every family: the mechanics, not knowledge.
+"""Weight-delta edits as adapters on tiny models of every family: the mechanics, not knowledge.
 
-One matrix of (family x behaviour): the edit changes the output at the edited prompt; save and a
-fresh load give the same logits; merge_and_unload equals the adapter's forward; unload gives back
-bit-identical weights; the stock-LoRA export reloads in peft with the same logits.
+One matrix of (method x family x behaviour): the edit changes the output at the edited prompt;
+save and a fresh load give the same logits; merge_and_unload equals the adapter's forward; unload
+gives back bit-identical weights; the stock-LoRA export reloads in peft with the same logits.
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import FAMILIES, tiny_model, tiny_model_and_tokenizer
+from tiny_models import FAMILIES, logits, state, tiny_model, tiny_model_and_tokenizer, training_corpus
 
-from peft_edit import EditRequest, RomeConfig, get_edited_model
+from peft_edit import AlphaEditConfig, EditRequest, MemitConfig, RomeConfig, get_edited_model
 
 REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")
-PROBE = "The Eiffel Tower is located in the city of"
+BATCH = [
+    REQUEST,
+    EditRequest(prompt="{} is located in the city of", subject="Big Ben", target_new="Paris"),
+    EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+]
 
 # Few steps and no covariance: tiny random models test the mechanics, not edit quality (the
 # real-model tests do that).
@@ -24,35 +28,46 @@ FAST = dict(
 )
 
 
-def logits(model, tokenizer, text=PROBE):
-    ids = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits[0, -1].float()
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
+    path.write_text("\n".join(training_corpus(200)))
+    return str(path)
 
 
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def method_config(method: str, corpus: str, cache: str):
+    if method == "rome":
+        return RomeConfig(**FAST), [REQUEST]
+    if method == "memit":
+        return MemitConfig(layers=[1, 2], **FAST), BATCH
+    stats = dict(stats_corpus=corpus, stats_samples=400, stats_cache_dir=cache)
+    return AlphaEditConfig(layers=[1, 2], **{**FAST, **stats}), BATCH
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def edited_family(request):
-    family = request.param
+METHOD_FAMILIES = [(m, f) for m in ("rome", "memit", "alphaedit") for f in FAMILIES]
+
+
+@pytest.fixture(scope="module", params=METHOD_FAMILIES, ids=[f"{m}-{f}" for m, f in METHOD_FAMILIES])
+def edited_family(request, corpus_file, tmp_path_factory):
+    method, family = request.param
     model, tokenizer = tiny_model_and_tokenizer(family)
     before_logits = logits(model, tokenizer)
     before_state = state(model)
-    edited = get_edited_model(
-        model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False
-    )
-    return family, tokenizer, edited, before_logits, before_state
+    config, requests = method_config(method, corpus_file, str(tmp_path_factory.mktemp("stats")))
+    edited = get_edited_model(model, config, requests=requests, tokenizer=tokenizer, progress=False)
+    return f"{method}/{family}", tokenizer, edited, before_logits, before_state
 
 
 def test_edit_changes_the_edited_prompt(edited_family):
     family, tokenizer, edited, before, _ = edited_family
     after = logits(edited, tokenizer)
     assert (after - before).abs().max() > 1e-3, family
-    entry = edited.peft_config["default"].edits[0]
-    assert entry["requests"] == [REQUEST.to_dict()]
-    assert list(entry["modules"].values()) == [[0, 1]]  # one rank-one edit
+    config = edited.peft_config["default"]
+    (entry,) = config.edits
+    n = len(entry["requests"])
+    assert entry["requests"] == [r.to_dict() for r in BATCH[:n]]
+    # One rank-one component per request in every edited projection.
+    assert list(entry["modules"].values()) == [[0, n]] * len(config.target_modules)
 
 
 def test_disable_adapter_gives_the_original_outputs(edited_family):
@@ -66,7 +81,7 @@ def test_save_then_fresh_load_reproduces_logits(edited_family, tmp_path):
     edited.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files
-    reloaded = PeftModel.from_pretrained(tiny_model(family), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(family.split("/")[1]), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer), atol=1e-5, rtol=1e-5)
     assert reloaded.peft_config["default"].edits == edited.peft_config["default"].edits
 
@@ -79,7 +94,7 @@ def test_merge_and_unload_equals_adapter_forward(edited_family):
 
     with tempfile.TemporaryDirectory() as d:
         edited.save_pretrained(d)
-        copy = load_edited_model(tiny_model(family), d)
+        copy = load_edited_model(tiny_model(family.split("/")[1]), d)
     expected = logits(copy, tokenizer)
     merged = copy.merge_and_unload()
     assert not any("delta" in n for n, _ in merged.named_modules())
@@ -93,7 +108,7 @@ def test_lora_export_reloads_in_plain_peft(edited_family, tmp_path):
 
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    lora = PeftModel.from_pretrained(tiny_model(family), tmp_path / "lora")
+    lora = PeftModel.from_pretrained(tiny_model(family.split("/")[1]), tmp_path / "lora")
     torch.testing.assert_close(logits(lora, tokenizer), logits(edited, tokenizer), atol=1e-4, rtol=1e-4)
 
 

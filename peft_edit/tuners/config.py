@@ -11,6 +11,13 @@ from torch import nn
 from ..architectures import Layout, get_layout
 from ..requests import EditRequest
 
+# Keys the ledger adds to a request's fields.
+LEDGER_ANNOTATIONS = ("replaced_by",)
+
+
+def request_from_ledger(fields: dict[str, Any]) -> EditRequest:
+    return EditRequest.from_dict({k: v for k, v in fields.items() if k not in LEDGER_ANNOTATIONS})
+
 
 @dataclass
 class EditConfig(PeftConfig):
@@ -94,6 +101,12 @@ class EditConfig(PeftConfig):
             default=0,
         )
 
-    def requests(self) -> list[EditRequest]:
-        """The requests this adapter holds, oldest first."""
-        return [EditRequest.from_dict(r) for entry in self.edits for r in entry["requests"]]
+    def requests(self, include_replaced: bool = True) -> list[EditRequest]:
+        """The requests this adapter holds, oldest first; ``include_replaced=False`` leaves out those a
+        later, contradicting request replaced."""
+        return [
+            request_from_ledger(r)
+            for entry in self.edits
+            for r in entry["requests"]
+            if include_replaced or "replaced_by" not in r
+        ]

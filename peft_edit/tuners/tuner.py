@@ -19,13 +19,28 @@ from tqdm.auto import tqdm
 
 from ..fingerprint import BaseWeightsMismatchError, weight_fingerprint
 from ..requests import EditRequest, as_requests, check_requests_tokenize
-from .config import EditConfig
+from .config import EditConfig, request_from_ledger
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
-    return module.weight
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    # A wrapper around a whole module (an MLP, a block) fingerprints all its parameters.
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def _check_no_contradiction_within(requests: list[EditRequest]) -> None:
+    targets: dict[tuple[str, str], str] = {}
+    for r in requests:
+        if targets.setdefault(r.fact, r.target_new) != r.target_new:
+            raise ValueError(
+                f"Two requests in one call give {r.filled_prompt!r} different targets "
+                f"({targets[r.fact]!r} and {r.target_new!r}); keep one, or edit them in separate calls "
+                "(a later call replaces the earlier target)."
+            )
 
 
 class EditTuner(BaseTuner):
@@ -140,14 +155,17 @@ class EditTuner(BaseTuner):
                 "Edits are computed on the edited model; enable the adapter before calling edit()."
             )
 
+        _check_no_contradiction_within(requests)
+
         step = self.requests_per_step or len(requests)
         groups = [requests[i : i + step] for i in range(0, len(requests), step)]
-        held_before = len(config.edits)
+        ledger_before = copy.deepcopy(config.edits)
         snapshots = {name: self._layer(name).snapshot(adapter_name) for name in config.target_modules}
         new_entries = []
         try:
             for group in tqdm(groups, desc=f"{config.method} edits", disable=not progress or len(groups) < 2):
                 started = time.perf_counter()
+                replaced = self._replace_contradicted(config, adapter_name, group)
                 payloads = self.compute_edit(config, group, tokenizer)
                 entry = {
                     "requests": [r.to_dict() for r in group],
@@ -156,15 +174,47 @@ class EditTuner(BaseTuner):
                     },
                     "seconds": round(time.perf_counter() - started, 3),
                 }
+                if replaced:
+                    entry["replaces"] = replaced
                 config.edits.append(entry)
                 new_entries.append(entry)
         except BaseException:
             # Back to the state before the call: the ledger and every targeted layer.
-            del config.edits[held_before:]
+            config.edits[:] = ledger_before
             for name, snapshot in snapshots.items():
                 self._layer(name).restore(adapter_name, snapshot)
             raise
         return new_entries
+
+    def _replace_contradicted(self, config: EditConfig, adapter_name: str, group) -> list[dict[str, Any]]:
+        """Retire held requests that ``group`` contradicts (same fact, other target); return the ledger note.
+
+        A retired request is marked ``replaced_by`` (the index of the entry about to be added) and,
+        where the method can, its stored edit is removed first (:meth:`forget`), so the new edit is
+        computed against the unedited fact instead of fighting the old one.
+        """
+        new_targets = {r.fact: r.target_new for r in group}
+        replaced = []
+        for e, entry in enumerate(config.edits):
+            for j, held in enumerate(entry["requests"]):
+                if "replaced_by" in held:
+                    continue
+                request = request_from_ledger(held)
+                target = new_targets.get(request.fact)
+                if target is None or target == request.target_new:
+                    continue
+                removed = self.forget(adapter_name, entry, j)
+                held["replaced_by"] = len(config.edits)
+                replaced.append({"entry": e, "request": j, "target_new": request.target_new, "removed": removed})
+        return replaced
+
+    def forget(self, adapter_name: str, entry: dict[str, Any], request_index: int) -> bool:
+        """Remove request ``request_index`` of ledger ``entry`` from the stored edits, if the method can.
+
+        Returns whether it did; the default keeps the stored edit (the new one then overrides it).
+        Must not modify stored tensors in place (a failed ``edit`` call restores snapshots).
+        """
+        return False
 
     def _layer(self, module_name: str) -> nn.Module:
         layer = self.model.get_submodule(module_name)

@@ -124,6 +124,20 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             base.weight.data += self._to_weight_layout(D).to(base.weight.dtype)
         return start, stop
 
+    @torch.no_grad()
+    def zero_components(self, adapter_name: str, start: int, stop: int) -> None:
+        """Remove rank components ``start:stop`` (factor form only; the rank and ledger slices stay)."""
+        if self.is_dense(adapter_name):
+            raise ValueError("A dense delta has no separate components to remove.")
+        B = self.delta_B[adapter_name]
+        removed = B[:, start:stop] @ self.delta_A[adapter_name][start:stop]
+        kept = B.clone()  # a new tensor: snapshots taken before must stay valid
+        kept[:, start:stop] = 0
+        self.delta_B[adapter_name] = _frozen(kept)
+        if adapter_name in self.merged_adapters:
+            base = self.get_base_layer()
+            base.weight.data -= self._to_weight_layout(removed).to(base.weight.dtype)
+
     def snapshot(self, adapter_name: str):
         """What :meth:`restore` needs to undo every later ``append`` (appends never modify in place)."""
         return (

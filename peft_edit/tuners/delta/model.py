@@ -16,6 +16,22 @@ from .layer import DeltaLayer
 class DeltaTuner(EditTuner):
     tuner_layer_cls = DeltaLayer
 
+    def forget(self, adapter_name: str, entry: dict, request_index: int) -> bool:
+        """Zero the request's own components, when each request of the entry owns an equal share of
+        every module's rank slice (ROME: one rank-one slice per request; MEMIT: one component per
+        request per layer). Dense deltas have no per-request parts: kept, and False returned."""
+        n = len(entry["requests"])
+        spans = {}
+        for name, (start, stop) in entry["modules"].items():
+            layer = self._layer(name)
+            if layer.is_dense(adapter_name) or (stop - start) % n:
+                return False
+            width = (stop - start) // n
+            spans[name] = (start + request_index * width, start + (request_index + 1) * width)
+        for name, (start, stop) in spans.items():
+            self._layer(name).zero_components(adapter_name, start, stop)
+        return True
+
     def save_as_lora(self, path: str | os.PathLike, adapter_name: str | None = None) -> LoraConfig:
         """Write the edits as a stock LoRA adapter that plain peft loads, without peft_edit.
 

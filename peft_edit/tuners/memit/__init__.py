@@ -1,0 +1,4 @@
+from .config import MemitConfig
+from .model import MemitTuner
+
+__all__ = ["MemitConfig", "MemitTuner"]

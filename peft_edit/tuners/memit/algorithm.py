@@ -1,0 +1,190 @@
+"""MEMIT's maths, step by step, in the paper's notation.
+
+For N requests and edited MLP output projections W_l, l ∈ layers (lowest first, L the last):
+
+1. z_i  — the target hidden state of request i at block L's output, at the subject's last token:
+          the current one plus δ_i, found by the batched value optimisation
+          (:mod:`peft_edit.tuners.locate.values`) at W_L's output.
+2. For each l in layers, lowest first:
+   K_l — the keys: W_l's input at each subject's last token (mean over the prefixed prompts),
+         under the weights as updated so far;
+   R_l — what is still missing at block L, spread over the layers left:
+         (z_i − h_L,i) / (number of layers from l to L);
+   ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹ — the least-squares update that writes R_l at the new
+         keys while staying small on the preserved keys, whose second moment is C_l.
+   ΔW_l is applied before the next layer's keys are read.
+
+ΔW_l is stored as the factors B = R_l (out x N), A = K_lᵀ (λC_l + K_lK_lᵀ)⁻¹ (N x in), one
+rank-one component per request. AlphaEdit (:mod:`peft_edit.tuners.alphaedit`) reuses steps 1-2
+with a different solve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...architectures import Layout, backbone, get_blocks, mlp_out_name
+from ...edit_site import AlignedBatch, EditSiteRunner
+from ...requests import EditRequest, pad_token_id
+from ..locate.values import ValueProblem, build_rows, optimise_deltas
+
+# A solve maps (layer, keys K (N, in), residuals R (N, out)) to the factors (A (N, in), B (out, N)).
+Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def compute_deltas(
+    model, tokenizer, requests, layout, last_layer, templates, hp, progress=None
+) -> torch.Tensor:
+    """Step 1: δ_i (N, out) at block ``last_layer``'s MLP output, optimised ``hp.v_batch_size`` requests at a time."""
+    site = model.get_submodule(mlp_out_name(layout, last_layer))
+    device = next(model.parameters()).device
+    deltas = []
+    for start in range(0, len(requests), hp.v_batch_size):
+        chunk = requests[start : start + hp.v_batch_size]
+        problem = ValueProblem(tokenizer, chunk, templates, hp.kl_prompts, pad_token_id(tokenizer), device)
+        with EditSiteRunner(model, layout, last_layer, site, problem.batch) as runner:
+            deltas.append(optimise_deltas(runner, problem, hp).delta)
+        if progress is not None:
+            progress.update(len(chunk))
+    return torch.cat(deltas)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    model: nn.Module,
+    layout: Layout,
+    rows: list[list[int]],
+    sites: list[int],
+    pad_id: int,
+    key_layer: int,
+    output_layer: int,
+    row_batch: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """At each row's site: W_key_layer's input (rows, in) and block ``output_layer``'s output (rows, d)."""
+    body, blocks = backbone(model, layout), get_blocks(model, layout)
+    projection = model.get_submodule(mlp_out_name(layout, key_layer))
+    device = next(model.parameters()).device
+    keys, outputs = [], []
+    for start in range(0, len(rows), row_batch):
+        batch = AlignedBatch.build(
+            rows[start : start + row_batch], sites[start : start + row_batch], pad_id, device
+        )
+        n_rows, split = batch.input_ids.shape[0], batch.split
+        seen = {}
+
+        def at_site(tensor, _rows=n_rows, _split=split):
+            return tensor.view(_rows, -1, tensor.shape[-1])[:, _split].float()
+
+        def keep_key(_module, args, _seen=seen):
+            _seen["key"] = at_site(args[0])
+
+        def keep_output(_module, _args, output, _seen=seen):
+            _seen["output"] = at_site(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handles = [
+            projection.register_forward_pre_hook(keep_key),
+            blocks[output_layer].register_forward_hook(keep_output),
+        ]
+        try:
+            # Only the columns up to the site matter: later tokens cannot reach it.
+            body(
+                input_ids=batch.input_ids[:, : split + 1],
+                attention_mask=batch.attention_mask[:, : split + 1],
+                position_ids=batch.position_ids[:, : split + 1],
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        keys.append(seen["key"])
+        outputs.append(seen["output"])
+    return torch.cat(keys), torch.cat(outputs)
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, updates: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Add ``x ↦ B (A x)`` to the named modules' outputs while inside (the weights are not touched)."""
+    handles = []
+    for name, (A, B) in updates.items():
+
+        def add(_module, args, output, _A=A, _B=B):
+            return output + ((args[0].to(_A.dtype) @ _A.T) @ _B.T).to(output.dtype)
+
+        handles.append(model.get_submodule(name).register_forward_hook(add))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def spread_over_layers(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    layout: Layout,
+    layers: list[int],
+    templates: list[str],
+    deltas: torch.Tensor,
+    solve: Solve,
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
+    """Step 2: ``{layer: (A, B)}`` writing ``deltas`` (found at the last layer) into all ``layers``,
+    and the keys ``{layer: K_l (N, in)}`` the update was solved for."""
+    rows = build_rows(tokenizer, list(requests), templates, kl_prompts=[])
+    pad_id = pad_token_id(tokenizer)
+    last = layers[-1]
+
+    def per_request(per_row: torch.Tensor) -> torch.Tensor:
+        return torch.stack([per_row[r].mean(0) for r in rows.rewrite_rows])
+
+    _, h_original = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layers[0], last)
+    target = per_request(h_original) + deltas.float()
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    keys: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        with applied(model, {mlp_out_name(layout, done): f for done, f in factors.items()}):
+            row_keys, h_now = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layer, last)
+        residual = (target - per_request(h_now)) / (len(layers) - i)
+        keys[layer] = per_request(row_keys)
+        factors[layer] = solve(layer, keys[layer], residual)
+    return factors, keys
+
+
+def request_keys(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], layout: Layout, layers: list[int], templates
+) -> dict[int, torch.Tensor]:
+    """``{layer: K_l (N, in)}``: each request's key at each layer under the current weights."""
+    rows = build_rows(tokenizer, list(requests), templates, kl_prompts=[])
+    pad_id = pad_token_id(tokenizer)
+    result = {}
+    for layer in layers:
+        row_keys, _ = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layer, layer)
+        result[layer] = torch.stack([row_keys[r].mean(0) for r in rows.rewrite_rows])
+    return result
+
+
+def least_squares_factors(
+    keys: torch.Tensor, residuals: torch.Tensor, preserved: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's update R Kᵀ (λC + K Kᵀ)⁻¹ as factors (A, B); keys (N, in), residuals (N, out), C (in, in)."""
+    K = keys.double().T  # (in, N)
+    gram = weight * preserved.double() + K @ K.T
+    A = torch.linalg.solve(gram, K).T  # (N, in): rows Kᵀ(λC + KKᵀ)⁻¹, the matrix being symmetric
+    return A.float(), residuals.float().T
+
+
+def isotropic_covariance(keys: torch.Tensor) -> torch.Tensor:
+    """Without statistics: C = s·I with s the keys' mean energy per dimension (so λ keeps its meaning)."""
+    scale = keys.double().pow(2).sum(1).mean() / keys.shape[1]
+    return scale * torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)

@@ -1,0 +1,80 @@
+"""MEMIT's hyperparameters; every one has a default that works without per-model settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ...architectures import UnsupportedModelError, mlp_out_name, num_layers
+from ..locate.config import LocateThenEditConfig
+
+# MEMIT spreads each edit over consecutive MLP layers in the early-middle of the network, where
+# causal tracing finds subject facts recalled. Published windows end near a quarter of the depth
+# (Llama-2-7B and Llama-3-8B: 4-8 of 32; GPT-J: 3-8 of 28), so the default is the five blocks
+# ending at round(depth / 4).
+DEFAULT_WINDOW = 5
+DEFAULT_LAST_LAYER_FRACTION = 1 / 4
+
+
+def default_edit_layers(depth: int) -> list[int]:
+    last = min(depth - 1, max(0, round(depth * DEFAULT_LAST_LAYER_FRACTION)))
+    first = max(0, last - DEFAULT_WINDOW + 1)
+    return list(range(first, last + 1))
+
+
+@dataclass
+class MemitConfig(LocateThenEditConfig):
+    """Mass-Editing Memory in a Transformer (Meng et al., 2023): many edits at once over several MLP layers."""
+
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Blocks whose MLP output projections share the edits, lowest first; default the five "
+            "blocks ending at round(depth/4)."
+        },
+    )
+    mom2_update_weight: float = field(
+        default=15_000.0,
+        metadata={
+            "help": "λ: weight of the preserved keys' covariance against the new keys in the least-squares "
+            "update (MEMIT's value for GPT-J and Llama). Larger: smaller, safer updates."
+        },
+    )
+    clamp_norm_factor: float = field(
+        default=0.75, metadata={"help": "||δ|| is kept below this times ||v|| (MEMIT's value)."}
+    )
+    v_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Requests whose δ are optimised together (bounds memory; results do not depend on it)."
+        },
+    )
+
+    method = "memit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.layers is not None:
+            if not self.layers or any(layer < 0 for layer in self.layers):
+                raise ValueError(
+                    f"{name}.layers must be a non-empty list of block indices >= 0, got {self.layers}."
+                )
+            if sorted(set(self.layers)) != list(self.layers):
+                raise ValueError(f"{name}.layers must be increasing without repeats, got {self.layers}.")
+        if self.mom2_update_weight < 0:
+            raise ValueError(f"{name}.mom2_update_weight must be >= 0.")
+        if self.v_batch_size < 1:
+            raise ValueError(f"{name}.v_batch_size must be at least 1.")
+
+    def choose_target_modules(self, model: nn.Module) -> list[str]:
+        layout = self.layout(model)
+        depth = num_layers(model, layout)
+        if self.layers is None:
+            self.layers = default_edit_layers(depth)
+        if self.layers[-1] >= depth:
+            raise UnsupportedModelError(
+                f"{type(self).__name__}.layers={self.layers}, but the model has only {depth} blocks."
+            )
+        return [mlp_out_name(layout, layer) for layer in self.layers]
