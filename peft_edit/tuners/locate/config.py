@@ -26,7 +26,9 @@ class LocateThenEditConfig(EditConfig):
     )
     early_stop_loss: float = field(
         default=0.05,
-        metadata={"help": "Stop optimising a request's δ once its target's negative log-likelihood is below this."},
+        metadata={
+            "help": "Stop optimising a request's δ once its target's negative log-likelihood is below this."
+        },
     )
     kl_prompts: list[str] = field(
         default_factory=lambda: ["{} is a"],
@@ -64,4 +66,6 @@ class LocateThenEditConfig(EditConfig):
             raise ValueError(f"{name}.stats_samples must be at least 1.")
         for p in self.kl_prompts:
             if p.count("{}") != 1:
-                raise ValueError(f"{name}.kl_prompts entries need exactly one '{{}}' for the subject, got {p!r}.")
+                raise ValueError(
+                    f"{name}.kl_prompts entries need exactly one '{{}}' for the subject, got {p!r}."
+                )

@@ -28,7 +28,11 @@ def context_templates(model: nn.Module, tokenizer, config) -> list[str]:
     if key not in cache:
         with adapters_disabled(model):
             cache[key] = sample_context_templates(
-                model, tokenizer, config.context_template_lengths, config.context_templates_per_length, config.seed
+                model,
+                tokenizer,
+                config.context_template_lengths,
+                config.context_templates_per_length,
+                config.seed,
             )
     return cache[key]
 

@@ -34,7 +34,8 @@ class RewriteRows:
     rewrite_rows: list[list[int]]  # per request: its prefixed-prompt rows
     kl_rows: list[list[int]]  # per request: its KL rows
     target_ids: dict[int, list[int]]  # per rewrite row
-    target_positions: dict[int, list[int]]  # per rewrite row: the token whose logits predict each target token
+    # per rewrite row: the tokens whose logits predict each target token
+    target_positions: dict[int, list[int]]
     kl_last: dict[int, int]  # per KL row: its last token
 
 
@@ -100,7 +101,9 @@ class ValueProblem:
         self.nll_tokens = torch.tensor(tokens, device=device)
         self.nll_weights = torch.tensor(weights, device=device)
         self.nll_owner = torch.tensor(owner, device=device)
-        self.kl_owner = torch.tensor([rows.request_of_row[r] for r in kl_rows], device=device, dtype=torch.long)
+        self.kl_owner = torch.tensor(
+            [rows.request_of_row[r] for r in kl_rows], device=device, dtype=torch.long
+        )
         kl_count = torch.bincount(self.kl_owner, minlength=self.n_requests).clamp(min=1)
         self.kl_weight = 1.0 / kl_count.float()
         self.request_of_row = torch.tensor(rows.request_of_row, device=device)
@@ -110,7 +113,9 @@ class ValueProblem:
         return torch.stack([per_row[rows].mean(0) for rows in self.rows.rewrite_rows])
 
 
-def optimise_deltas(runner: EditSiteRunner, problem: ValueProblem, hp, reach: torch.Tensor | None = None) -> Deltas:
+def optimise_deltas(
+    runner: EditSiteRunner, problem: ValueProblem, hp, reach: torch.Tensor | None = None
+) -> Deltas:
     """Optimise δ for every request of ``problem`` at ``runner``'s site (see the module docstring).
 
     ``reach`` (rows,) scales each row's δ (ROME: uᵀk of the row); None applies δ as it is.
