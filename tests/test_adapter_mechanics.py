@@ -134,3 +134,44 @@ def test_sequential_edits_at_the_first_block_grow_the_rank():
     edited.edit([second], progress=False)
     assert [list(e["modules"].values())[0] for e in edited.ledger] == [[0, 1], [1, 2]]
     assert [r.subject for r in edited.edited_requests()] == ["The Eiffel Tower", "Big Ben"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_edits_switch_to_a_dense_delta_once_it_is_smaller(family, tmp_path):
+    # Tiny MLP output projections are 176 -> 64: factors of rank r take r * 240 numbers, the
+    # matrix 11,264, so from rank 47 on the layer stores one dense delta.
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    before = state(model)
+    towns = [
+        EditRequest(prompt="{} is located in the city of", subject=f"Tower number {i}", target_new="Rome")
+        for i in range(60)
+    ]
+    config = MemitConfig(layers=[1], **{**FAST, "v_num_steps": 2})
+    edited = get_edited_model(model, config, requests=towns[:30], tokenizer=tokenizer, progress=False)
+    (name,) = edited.peft_config["default"].target_modules
+    layer = edited.base_model.model.get_submodule(name)
+    assert not layer.is_dense("default") and layer.rank("default") == 30
+    low_rank_delta = layer.get_delta_weight("default").clone()
+
+    edited.edit(towns[30:], progress=False)
+    assert layer.is_dense("default") and layer.rank("default") == 60
+    assert layer.delta_A["default"].numel() == 0
+    assert [e["modules"][name] for e in edited.ledger] == [[0, 30], [30, 60]]
+    assert not torch.allclose(layer.get_delta_weight("default"), low_rank_delta)
+    expected = logits(edited, tokenizer)
+
+    edited.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(family), tmp_path / "adapter")
+    assert reloaded.base_model.model.get_submodule(name).is_dense("default")
+    torch.testing.assert_close(logits(reloaded, tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+    edited.save_as_lora(tmp_path / "lora")
+    lora = PeftModel.from_pretrained(tiny_model(family), tmp_path / "lora")
+    torch.testing.assert_close(logits(lora, tokenizer), expected, atol=1e-4, rtol=1e-4)
+
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-4, rtol=1e-4)
+
+    base = edited.unload_edits()
+    for key, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
