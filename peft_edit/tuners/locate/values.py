@@ -7,7 +7,8 @@ reaches its own rows), minimising per request
 
     NLL(target | prefixed prompts)  +  kl_factor · KL(KL prompts, unedited)  +  decay · ||δ_r||²/||v_r||²
 
-with ||δ_r|| clamped to ``clamp_norm_factor · ||v_r||`` (v_r: the site's original output) and an
+with ||δ_r|| clamped to ``clamp_norm_factor · ||v_r||`` (v_r: the site's original output, or
+the hidden state there for MEMIT) and an
 early stop per request once its target's NLL is below ``early_stop_loss``; the best δ_r seen is kept.
 
 ROME scales δ per row by how much of it the rank-one update will deliver there (``reach``);
@@ -114,15 +115,21 @@ class ValueProblem:
 
 
 def optimise_deltas(
-    runner: EditSiteRunner, problem: ValueProblem, hp, reach: torch.Tensor | None = None
+    runner: EditSiteRunner,
+    problem: ValueProblem,
+    hp,
+    reach: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> Deltas:
     """Optimise δ for every request of ``problem`` at ``runner``'s site (see the module docstring).
 
     ``reach`` (rows,) scales each row's δ (ROME: uᵀk of the row); None applies δ as it is.
+    ``scale`` (N,) is the norm the clamp and the decay are relative to: by default the site's
+    original output (ROME); MEMIT passes the hidden state's norm at that block, as in its paper.
     """
     n = problem.n_requests
     v_init = problem.rewrite_mean(runner.site_output)
-    v_norm = v_init.norm(dim=1)
+    v_norm = v_init.norm(dim=1) if scale is None else scale.to(v_init)
     max_norm = hp.clamp_norm_factor * v_norm
     row_scale = (reach if reach is not None else torch.ones(len(problem.request_of_row)))[:, None]
     row_scale = row_scale.to(v_init)

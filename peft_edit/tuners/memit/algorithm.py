@@ -37,9 +37,13 @@ Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 
 def compute_deltas(
-    model, tokenizer, requests, layout, last_layer, templates, hp, progress=None
+    model, tokenizer, requests, layout, last_layer, templates, hp, hidden_norms, progress=None
 ) -> torch.Tensor:
-    """Step 1: δ_i (N, out) at block ``last_layer``'s MLP output, optimised ``hp.v_batch_size`` requests at a time."""
+    """Step 1: δ_i (N, out) at block ``last_layer``'s MLP output, optimised ``hp.v_batch_size`` requests at a time.
+
+    As in MEMIT, ||δ_i|| is clamped relative to the hidden state at that block (``hidden_norms``,
+    (N,)), not to the MLP's output as in ROME.
+    """
     site = model.get_submodule(mlp_out_name(layout, last_layer))
     device = next(model.parameters()).device
     deltas = []
@@ -47,7 +51,8 @@ def compute_deltas(
         chunk = requests[start : start + hp.v_batch_size]
         problem = ValueProblem(tokenizer, chunk, templates, hp.kl_prompts, pad_token_id(tokenizer), device)
         with EditSiteRunner(model, layout, last_layer, site, problem.batch) as runner:
-            deltas.append(optimise_deltas(runner, problem, hp).delta)
+            found = optimise_deltas(runner, problem, hp, scale=hidden_norms[start : start + len(chunk)])
+        deltas.append(found.delta)
         if progress is not None:
             progress.update(len(chunk))
     return torch.cat(deltas)
@@ -129,34 +134,42 @@ def applied(model: nn.Module, updates: dict[str, tuple[torch.Tensor, torch.Tenso
             h.remove()
 
 
+class RequestRows:
+    """Each request's prefixed prompts (no KL prompts), for reading keys and hidden states at the subject."""
+
+    def __init__(self, tokenizer, requests: Sequence[EditRequest], templates: list[str]):
+        rows = build_rows(tokenizer, list(requests), templates, kl_prompts=[])
+        self.ids, self.sites, self.rewrite_rows = rows.ids, rows.sites, rows.rewrite_rows
+        self.pad_id = pad_token_id(tokenizer)
+
+    def per_request(self, per_row: torch.Tensor) -> torch.Tensor:
+        return torch.stack([per_row[r].mean(0) for r in self.rewrite_rows])
+
+    def read(self, model, layout, key_layer: int, output_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per request: W_key_layer's input and block ``output_layer``'s output at the subject."""
+        keys, outputs = keys_and_outputs(
+            model, layout, self.ids, self.sites, self.pad_id, key_layer, output_layer
+        )
+        return self.per_request(keys), self.per_request(outputs)
+
+
 def spread_over_layers(
     model: nn.Module,
-    tokenizer,
-    requests: Sequence[EditRequest],
+    rows: RequestRows,
     layout: Layout,
     layers: list[int],
-    templates: list[str],
-    deltas: torch.Tensor,
+    target: torch.Tensor,
     solve: Solve,
 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
-    """Step 2: ``{layer: (A, B)}`` writing ``deltas`` (found at the last layer) into all ``layers``,
-    and the keys ``{layer: K_l (N, in)}`` the update was solved for."""
-    rows = build_rows(tokenizer, list(requests), templates, kl_prompts=[])
-    pad_id = pad_token_id(tokenizer)
+    """Step 2: ``{layer: (A, B)}`` that bring block ``layers[-1]``'s hidden states to ``target`` (N, d),
+    and the keys ``{layer: K_l (N, in)}`` each update was solved for."""
     last = layers[-1]
-
-    def per_request(per_row: torch.Tensor) -> torch.Tensor:
-        return torch.stack([per_row[r].mean(0) for r in rows.rewrite_rows])
-
-    _, h_original = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layers[0], last)
-    target = per_request(h_original) + deltas.float()
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         with applied(model, {mlp_out_name(layout, done): f for done, f in factors.items()}):
-            row_keys, h_now = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layer, last)
-        residual = (target - per_request(h_now)) / (len(layers) - i)
-        keys[layer] = per_request(row_keys)
+            keys[layer], h_now = rows.read(model, layout, layer, last)
+        residual = (target - h_now) / (len(layers) - i)
         factors[layer] = solve(layer, keys[layer], residual)
     return factors, keys
 
@@ -165,13 +178,8 @@ def request_keys(
     model: nn.Module, tokenizer, requests: Sequence[EditRequest], layout: Layout, layers: list[int], templates
 ) -> dict[int, torch.Tensor]:
     """``{layer: K_l (N, in)}``: each request's key at each layer under the current weights."""
-    rows = build_rows(tokenizer, list(requests), templates, kl_prompts=[])
-    pad_id = pad_token_id(tokenizer)
-    result = {}
-    for layer in layers:
-        row_keys, _ = keys_and_outputs(model, layout, rows.ids, rows.sites, pad_id, layer, layer)
-        result[layer] = torch.stack([row_keys[r].mean(0) for r in rows.rewrite_rows])
-    return result
+    rows = RequestRows(tokenizer, requests, templates)
+    return {layer: rows.read(model, layout, layer, layer)[0] for layer in layers}
 
 
 def least_squares_factors(

@@ -34,11 +34,12 @@ class MemitConfig(LocateThenEditConfig):
             "blocks ending at round(depth/4)."
         },
     )
-    mom2_update_weight: float = field(
-        default=15_000.0,
+    mom2_update_weight: float | None = field(
+        default=None,
         metadata={
             "help": "λ: weight of the preserved keys' covariance against the new keys in the least-squares "
-            "update (MEMIT's value for GPT-J and Llama). Larger: smaller, safer updates."
+            "update. Larger: smaller, safer updates. Default: the key dimension (the projection's input "
+            "size), which is what MEMIT's 15000 amounts to on GPT-J (16384) and Llama-2-7B (11008)."
         },
     )
     clamp_norm_factor: float = field(
@@ -63,7 +64,7 @@ class MemitConfig(LocateThenEditConfig):
                 )
             if sorted(set(self.layers)) != list(self.layers):
                 raise ValueError(f"{name}.layers must be increasing without repeats, got {self.layers}.")
-        if self.mom2_update_weight < 0:
+        if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
             raise ValueError(f"{name}.mom2_update_weight must be >= 0.")
         if self.v_batch_size < 1:
             raise ValueError(f"{name}.v_batch_size must be at least 1.")

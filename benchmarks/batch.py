@@ -1,0 +1,166 @@
+"""MEMIT and AlphaEdit on SmolLM2-135M-Instruct: batch sizes, sequential batches, covariance statistics.
+
+    python benchmarks/batch.py                                   # batch 10, 50, 100; sequential 10 x 10
+    python benchmarks/batch.py --batch-sizes 1000 --sequential 10x100
+    python benchmarks/batch.py --stats-only                      # one pass over the corpus vs one per layer
+
+CounterFact cases (ROME's schema, ``counterfact_rome_sample500.json``; larger batches take the
+EasyEdit file's records after them). For each run: probability scores (efficacy / paraphrase /
+neighborhood), teacher-forced token accuracy, greedy generation, seconds per edit and peak RSS,
+through :func:`peft_edit.evaluation.evaluate` (batch protocol; sequential with ``edit_batch_size``).
+Covariance statistics come from WikiText (20k tokens) and are timed separately: all five edited
+layers in one pass against one pass per layer. Writes ``benchmarks/results/batch.json`` and a
+PNG of scores against the number of edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import peft_edit  # noqa: F401  (registers the methods)
+from peft_edit.data import load_cases
+from peft_edit.demo import load_smollm2
+from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
+from peft_edit.registration import edit_method_config
+from peft_edit.stats import key_second_moments
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT = str(DATA / "wikitext_wiki.valid.raw")
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS = [
+    "efficacy_prob",
+    "paraphrase_prob",
+    "neighborhood_prob",
+    "reliability_tf",
+    "generalization_tf",
+    "locality_tf",
+    "reliability_gen",
+    "generalization_gen",
+    "locality_gen",
+    "seconds_per_edit",
+    "peak_rss_mb",
+]
+
+
+def cases_for(n: int):
+    """The first ``n`` CounterFact cases: ROME's sample first, then the EasyEdit file's records."""
+    cases = load_cases(f"counterfact:{DATA / 'counterfact_rome_sample500.json'}", limit=n)
+    if len(cases) < n:
+        seen = {c.request.fact for c in cases}
+        more = load_cases(f"counterfact:{DATA / 'counterfact_easyedit_edit_first2000.json'}")
+        cases += [c for c in more if c.request.fact not in seen][: n - len(cases)]
+    return cases
+
+
+def time_statistics(model, tokenizer, layers: list[int], samples: int) -> dict:
+    """Seconds for all ``layers`` in one pass against one pass per layer (no cache either way)."""
+    started = time.perf_counter()
+    key_second_moments(model, tokenizer, layers, WIKITEXT, sample_count=samples, use_cache=False, progress=False)
+    one_pass = time.perf_counter() - started
+    started = time.perf_counter()
+    for layer in layers:
+        key_second_moments(model, tokenizer, [layer], WIKITEXT, sample_count=samples, use_cache=False, progress=False)
+    per_layer = time.perf_counter() - started
+    return {
+        "layers": layers,
+        "tokens": samples,
+        "one_pass_seconds": round(one_pass, 1),
+        "one_pass_per_layer_seconds": round(per_layer, 1),
+        "speedup": round(per_layer / one_pass, 2),
+    }
+
+
+def run(model, tokenizer, method: str, cases, protocol: str, edit_batch_size: int | None, reference):
+    config = edit_method_config(method, stats_corpus=WIKITEXT)
+    kwargs = {"edit_batch_size": edit_batch_size, "eval_every": edit_batch_size} if protocol == "sequential" else {}
+    result = evaluate(
+        model, tokenizer, cases, config, protocol, generation_tokens=0, reference=reference, **kwargs
+    )
+    row = {
+        "method": method,
+        "protocol": protocol,
+        "edits": len(cases),
+        "edit_batch_size": edit_batch_size or len(cases),
+        **{k: result.summary.get(k) for k in KEYS},
+        "unedited": {k: result.baseline.get(k) for k in KEYS if k in result.baseline},
+    }
+    if result.curve:
+        row["curve"] = result.curve
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, key in zip(axes, ["efficacy_prob", "paraphrase_prob", "neighborhood_prob"]):
+        for method in sorted({r["method"] for r in rows}):
+            batch = sorted((r["edits"], r[key]) for r in rows if r["method"] == method and r["protocol"] == "batch")
+            if batch:
+                ax.plot(*zip(*batch), marker="o", label=f"{method} (one batch)")
+            for r in rows:
+                if r["method"] == method and r["protocol"] == "sequential":
+                    points = [(p["edits"], p.get(key)) for p in r["curve"] if p.get(key) is not None]
+                    ax.plot(*zip(*points), marker=".", linestyle="--",
+                            label=f"{method} (sequential, batches of {r['edit_batch_size']})")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("number of edits")
+        ax.set_title(key)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"])
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
+    parser.add_argument("--sequential", nargs="*", default=["10x10"], help="BATCHESxSIZE runs (AlphaEdit)")
+    parser.add_argument("--stats-only", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "batch.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    memit = edit_method_config("memit")
+    memit.choose_target_modules(model)  # the default layers for this model
+    layers = list(memit.layers)
+    output = json.loads(args.output.read_text()) if args.output.is_file() else {"runs": []}
+    output["statistics"] = time_statistics(model, tokenizer, layers, 20_000)
+    print(json.dumps(output["statistics"]))
+    if not args.stats_only:
+        largest = max([*args.batch_sizes, *(int(b) * int(s) for b, s in (x.split("x") for x in args.sequential))])
+        cases = cases_for(largest)
+        reference = pre_edit_reference(model, tokenizer, cases, ScoreSettings(generation_tokens=0), [])
+        runs = []
+        for method in args.methods:
+            for n in args.batch_sizes:
+                runs.append(run(model, tokenizer, method, cases[:n], "batch", None, reference.subset(n)))
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
+        for spec in args.sequential:
+            batches, size = (int(x) for x in spec.split("x"))
+            n = batches * size
+            runs.append(run(model, tokenizer, "alphaedit", cases[:n], "sequential", size, reference.subset(n)))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
+        done = {(r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) for r in runs}
+        output["runs"] = runs + [
+            r for r in output["runs"] if (r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) not in done
+        ]
+        plot(output["runs"], args.output.with_suffix(".png"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(output, indent=1))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
