@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import torch
 from peft_edit import RomeConfig, get_edited_model
 from peft_edit.data import load_counterfact
 from peft_edit.demo import load_smollm2
-from peft_edit.evaluation.metrics import greedy_continuations, starts_with_answer, teacher_forced
+from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
+from peft_edit.tuners.locate.per_model import context_templates, second_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {
@@ -33,89 +32,45 @@ FILES = {
 }
 COVARIANCE = {"identity": "identity", "sampled": None, "wikitext": str(DATA / "wikitext_wiki.valid.raw")}
 RESULTS = Path(__file__).resolve().parent / "results"
+# The numbers in the table; fluency is left to benchmarks/eval_suite.py (this file's EasyEdit
+# records have no generation prompts).
+COLUMNS = [
+    "efficacy_prob", "paraphrase_prob", "neighborhood_prob", "reliability_tf", "generalization_tf", "locality_tf",
+    "reliability_gen", "generalization_gen", "locality_gen", "seconds_per_edit", "peak_rss_mb",
+]  # fmt: skip
+SETTINGS = ScoreSettings(generation_tokens=0)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def warm_up(model, tokenizer, config) -> float:
+    """Sample the prefixes and compute the covariance statistics once; returns the seconds it took.
 
-
-def score_case(model, tokenizer, case, before):
-    """All per-case numbers; ``before`` holds the unedited model's neighbour answers."""
-    req = case.request
-    prompts = [req.filled_prompt, *case.rephrases]
-    new = teacher_forced(model, tokenizer, prompts, [req.target_new] * len(prompts))
-    true = teacher_forced(model, tokenizer, prompts, [req.target_true] * len(prompts))
-    nb_prompts = [n.prompt for n in case.neighbors]
-    nb_true = teacher_forced(model, tokenizer, nb_prompts, [n.answer for n in case.neighbors])
-    nb_new = teacher_forced(model, tokenizer, nb_prompts, [req.target_new] * len(nb_prompts))
-    gen = greedy_continuations(model, tokenizer, prompts, len(new[0].answer_ids))
-    nb_gen = greedy_continuations(model, tokenizer, nb_prompts, [len(t.answer_ids) for t in before["tf"]])
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    return {
-        "efficacy_prob": float(new[0].mean_logprob > true[0].mean_logprob),
-        "paraphrase_prob": mean([float(n.mean_logprob > t.mean_logprob) for n, t in zip(new[1:], true[1:])]),
-        "neighborhood_prob": mean([float(t.mean_logprob > n.mean_logprob) for t, n in zip(nb_true, nb_new)]),
-        "reliability_tf": new[0].token_accuracy,
-        "generalization_tf": mean([n.token_accuracy for n in new[1:]]),
-        "locality_tf": mean(
-            [
-                mean([float(a == b) for a, b in zip(t.argmax_ids, p.argmax_ids)])
-                for t, p in zip(nb_true, before["tf"])
-            ]
-        ),
-        "reliability_gen": float(starts_with_answer(gen[0], req.target_new)),
-        "generalization_gen": mean([float(starts_with_answer(g, req.target_new)) for g in gen[1:]]),
-        "locality_gen": mean([float(a == b) for a, b in zip(nb_gen, before["gen"])]),
-    }
-
-
-def run(model, tokenizer, cases, covariance: str, overrides: dict):
-    config = RomeConfig(stats_corpus=COVARIANCE[covariance], **overrides)
-    # Neighbour answers of the unedited model, computed once.
-    before = []
-    for case in cases:
-        prompts = [n.prompt for n in case.neighbors]
-        tf = teacher_forced(model, tokenizer, prompts, [n.answer for n in case.neighbors])
-        before.append(
-            {
-                "tf": tf,
-                "gen": greedy_continuations(model, tokenizer, prompts, [len(t.answer_ids) for t in tf]),
-            }
-        )
-
-    # One-time setup (prefix sampling, covariance statistics) is timed apart from the edits.
+    Both are cached per base model, so the edits timed afterwards measure the edit alone.
+    """
     started = time.perf_counter()
-    warm = get_edited_model(model, config, tokenizer=tokenizer)
-    warm.base_model.context_templates(warm.peft_config["default"], tokenizer)
-    warm.base_model.covariance_solver(warm.peft_config["default"], tokenizer)
-    model = warm.unload_edits()
-    setup_seconds = time.perf_counter() - started
+    warm = get_edited_model(model, config, tokenizer=tokenizer)  # resolves the layer on this model
+    resolved = warm.peft_config["default"]
+    context_templates(warm.base_model.model, tokenizer, resolved)
+    second_moments(warm.base_model.model, tokenizer, resolved, [resolved.layer])
+    warm.unload_edits()
+    return time.perf_counter() - started
 
-    records, seconds = [], []
-    for case, pre in zip(cases, before):
-        started = time.perf_counter()
-        edited = get_edited_model(model, config, requests=[case.request], tokenizer=tokenizer, progress=False)
-        seconds.append(time.perf_counter() - started)
-        scores = score_case(edited, tokenizer, case, pre)
-        model = edited.unload_edits()
-        records.append({"case_id": case.case_id, "seconds": seconds[-1], **scores})
-        print(
-            f"  case {case.case_id}: {seconds[-1]:.1f}s "
-            + " ".join(f"{k}={v:.2f}" for k, v in scores.items())
-        )
-    keys = [k for k in records[0] if k not in ("case_id", "seconds")]
-    summary = {k: statistics.mean(r[k] for r in records) for k in keys}
-    summary.update(
-        seconds_per_edit=statistics.mean(seconds),
-        setup_seconds=setup_seconds,
-        peak_rss_mb=peak_rss_mb(),
-        layer=config.layer,
-        cases=len(records),
+
+def run(model, tokenizer, cases, covariance: str, overrides: dict, reference):
+    """Edit, score and restore each case alone (the harness's single protocol)."""
+    config = RomeConfig(stats_corpus=COVARIANCE[covariance], **overrides)
+    setup_seconds = warm_up(model, tokenizer, config)
+    result = evaluate(
+        model,
+        tokenizer,
+        cases,
+        config,
+        "single",
+        generation_tokens=SETTINGS.generation_tokens,
+        reference=reference,
     )
-    return model, summary, records
+    summary = {k: result.summary[k] for k in COLUMNS}
+    summary.update(setup_seconds=setup_seconds, layer=config.layer, cases=len(cases))
+    return summary, result
 
 
 def main() -> None:
@@ -136,22 +91,31 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     results = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads(), "runs": []}
+    references = {}
     for covariance in args.covariance:
         for name in args.data:
             cases = load_counterfact(FILES[name], limit=args.limit)
             print(f"{name}, covariance={covariance}: {len(cases)} cases")
+            if name not in references:  # the unedited model's answers, once per data file
+                references[name] = pre_edit_reference(model, tokenizer, cases, SETTINGS)
             overrides = {
                 "layer": args.layer,
                 "early_stop_loss": args.early_stop_loss,
                 "v_num_steps": args.v_num_steps,
             }
             overrides = {k: v for k, v in overrides.items() if v is not None}
-            model, summary, records = run(model, tokenizer, cases, covariance, overrides)
+            summary, result = run(model, tokenizer, cases, covariance, overrides, references[name])
             results["runs"].append(
-                {"data": name, "covariance": covariance, "summary": summary, "records": records}
+                {
+                    "data": name,
+                    "covariance": covariance,
+                    "summary": summary,
+                    "baseline": result.baseline,
+                    "records": result.records,
+                }
             )
 
-    columns = [k for k in results["runs"][0]["summary"] if k not in ("layer", "cases")]
+    columns = [*COLUMNS, "setup_seconds"]
     print("\n| data | covariance | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for run_ in results["runs"]:

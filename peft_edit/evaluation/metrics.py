@@ -1,4 +1,4 @@
-"""Batched probes behind the three families of numbers the field reports.
+"""Batched probes behind the three families of numbers the field reports, and the per-probe scores.
 
 * **teacher-forced**: the prompt followed by the answer's tokens; at each answer position, is
   the model's argmax the answer token (EasyEdit's "rewrite/rephrase acc"), and which token is it
@@ -7,10 +7,15 @@
   the true answer (ROME/MEMIT's efficacy, paraphrase and neighborhood scores);
 * **generation**: greedy decoding from the prompt; does the text start with the answer, or is it
   unchanged by the edit (the "wild" protocol).
+
+The model-facing functions (:func:`teacher_forced`, :func:`greedy_continuations`) batch many
+probes per forward pass, sorted by length so little is spent on padding; :func:`answer_scores`
+is the pure part (logits in, scores out) and is what the hand-made-logits tests check.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,68 +37,195 @@ class TeacherForced:
         return sum(self.logprobs) / len(self.logprobs)
 
     @property
+    def total_logprob(self) -> float:
+        return sum(self.logprobs)
+
+    @property
     def token_accuracy(self) -> float:
         return sum(a == t for a, t in zip(self.argmax_ids, self.answer_ids)) / len(self.answer_ids)
 
 
+def answer_scores(
+    logits: torch.Tensor,
+    starts: Sequence[int],
+    prompt_lengths: Sequence[int],
+    answers: Sequence[Sequence[int]],
+) -> list[TeacherForced]:
+    """Score each row's answer tokens from the logits of a padded batch.
+
+    Row ``i`` holds its prompt at positions ``starts[i] .. starts[i] + prompt_lengths[i] - 1`` and
+    its answer right after (``starts[i]`` is 0 with right padding, the pad count with left
+    padding; negative when ``logits`` cover only the last positions of the batch, as they are
+    counted from the first covered one). The logits at the position before each answer token
+    predict it.
+    """
+    results = []
+    for i, (start, p_len, answer) in enumerate(zip(starts, prompt_lengths, answers)):
+        first = start + p_len - 1
+        # Only this row's answer positions are normalised: no vocabulary-wide copy of the batch.
+        rows = logits[i, first : first + len(answer)].float()
+        ids = torch.tensor(list(answer), device=rows.device, dtype=torch.long)
+        logprobs = rows.gather(-1, ids[:, None])[:, 0] - rows.logsumexp(-1)
+        results.append(
+            TeacherForced(
+                answer_ids=list(answer), logprobs=logprobs.tolist(), argmax_ids=rows.argmax(-1).tolist()
+            )
+        )
+    return results
+
+
+# At most this many (row, position) pairs of logits per forward pass: the logits of a batch of
+# long answers (PIQA's solutions) would otherwise take gigabytes with a large vocabulary.
+LOGIT_POSITIONS_PER_BATCH = 2048
+
+
+def _length_batches(
+    lengths: Sequence[int], logit_positions: Sequence[int], batch_size: int
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early).
+
+    A batch holds at most ``batch_size`` rows, and fewer when its rows need many logit positions
+    (a batch's logits cover ``rows x max(logit_positions)``), but always at least one row.
+    """
+    batches: list[list[int]] = []
+    widest = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        wider = max(widest, logit_positions[i])
+        if (
+            batches
+            and len(batches[-1]) < batch_size
+            and (len(batches[-1]) + 1) * wider <= LOGIT_POSITIONS_PER_BATCH
+        ):
+            batches[-1].append(i)
+            widest = wider
+        else:
+            batches.append([i])
+            widest = logit_positions[i]
+    return batches
+
+
+def _accepts(model, argument: str) -> bool:
+    """Whether the (base) model's forward takes ``argument`` (a peft wrapper passes it through)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
 @torch.no_grad()
 def teacher_forced(
-    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
+    padding_side: str = "left",
 ) -> list[TeacherForced]:
-    """Score every answer after its prompt, ``batch_size`` pairs per forward pass (right padding)."""
+    """Score every answer after its prompt, ``batch_size`` pairs per forward pass.
+
+    Pairs are batched by length. With left padding (the default) every row ends at the last
+    position, so its answer sits in the last few positions: the model is asked for logits there
+    only (``logits_to_keep``), which spares the LM head and the vocabulary-wide softmax over the
+    prompts (PIQA's long goals), and position ids restart at 0 after each row's padding.
+    ``padding_side="right"`` computes logits everywhere and needs nothing of the model.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     encoded = [tokenize_continuation(tokenizer, p, a) for p, a in zip(prompts, answers)]
     device = next(model.parameters()).device
-    results: list[TeacherForced] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        rows = [p + a for p, a in chunk]
+    pad = pad_token_id(tokenizer)
+    left = padding_side == "left"
+    keep_tail = left and _accepts(model, "logits_to_keep")
+    lengths = [len(p) + len(a) for p, a in encoded]
+    logit_positions = [len(a) + 1 for _, a in encoded] if keep_tail else lengths
+    results: list[TeacherForced | None] = [None] * len(encoded)
+    for batch in _length_batches(lengths, logit_positions, batch_size):
+        rows = [encoded[i][0] + encoded[i][1] for i in batch]
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for i, (p, a) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=logp.device)
-            answer = torch.tensor(a, device=logp.device)
-            results.append(
-                TeacherForced(
-                    answer_ids=list(a),
-                    logprobs=logp[i, positions, answer].tolist(),
-                    argmax_ids=logp[i, positions].argmax(-1).tolist(),
-                )
-            )
-    return results
+        starts = [width - len(r) if left else 0 for r in rows]
+        for j, (r, s) in enumerate(zip(rows, starts)):
+            ids[j, s : s + len(r)] = torch.tensor(r)
+            mask[j, s : s + len(r)] = 1
+        kwargs = {}
+        if left:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        first_kept = 0
+        if keep_tail:
+            # The last position predicts the token after the answer: one more than the longest answer.
+            kept = max(len(encoded[i][1]) for i in batch) + 1
+            kwargs["logits_to_keep"] = kept
+            first_kept = width - kept
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        scored = answer_scores(
+            logits,
+            [s - first_kept for s in starts],
+            [len(encoded[i][0]) for i in batch],
+            [encoded[i][1] for i in batch],
+        )
+        for i, s in zip(batch, scored):
+            results[i] = s
+    return results  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def greedy_continuations(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int], batch_size: int = 32
 ) -> list[str]:
-    """Greedy text after each prompt (left padding, so every row continues from its last token)."""
+    """Greedy text after each prompt (left padding, so every row continues from its last token).
+
+    A batch holds prompts that need the same number of tokens (then of similar length), so a row
+    that needs two tokens never waits for one that needs a hundred.
+    """
     lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     device = next(model.parameters()).device
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+    pad = pad_token_id(tokenizer)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], len(encoded[i])))
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or lengths[batches[-1][0]] != lengths[i]:
+            batches.append([])
+        batches[-1].append(i)
+    outputs: list[str] = [""] * len(prompts)
+    for batch in batches:
+        chunk = [encoded[i] for i in batch]
         width = max(len(c) for c in chunk)
-        ids = torch.tensor([[pad_token_id(tokenizer)] * (width - len(c)) + c for c in chunk], device=device)
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        steps = max(lengths[start : start + batch_size])
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=steps,
+            max_new_tokens=lengths[batch[0]],
             do_sample=False,
-            pad_token_id=pad_token_id(tokenizer),
+            pad_token_id=pad,
         )
-        for row, n in zip(out[:, width:], lengths[start : start + batch_size]):
-            outputs.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+        for i, row in zip(batch, out[:, width:]):
+            outputs[i] = tokenizer.decode(row[: lengths[i]], skip_special_tokens=True)
     return outputs
+
+
+# ------------------------------------------------------------------------- per-probe scores
 
 
 def starts_with_answer(text: str, answer: str) -> bool:
     """Generation exact match: the output, stripped, begins with the answer (case-sensitive)."""
     return text.strip().startswith(answer.strip())
+
+
+def prefers(first: TeacherForced, second: TeacherForced) -> bool:
+    """ROME/MEMIT's probability comparison: ``first``'s answer has the higher mean token log-probability.
+
+    Efficacy and paraphrase scores ask ``prefers(new, true)``; neighborhood asks
+    ``prefers(true, new)`` on the neighbours. The mean (not the sum) keeps answers of different
+    token counts comparable, as in ROME.
+    """
+    return first.mean_logprob > second.mean_logprob
+
+
+def unchanged_fraction(before: Sequence[int], after: Sequence[int]) -> float:
+    """Teacher-forced locality: the share of answer positions whose argmax token did not move."""
+    if len(before) != len(after) or not before:
+        raise ValueError(
+            f"Compare argmax tokens of the same probe: got {len(before)} and {len(after)} positions."
+        )
+    return sum(a == b for a, b in zip(before, after)) / len(before)

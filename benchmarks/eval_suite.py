@@ -1,0 +1,105 @@
+"""Every metric family for the registered edit methods on SmolLM2, CounterFact and zsRE.
+
+    python benchmarks/eval_suite.py                                  # ROME, 100 + 100 cases, single protocol
+    python benchmarks/eval_suite.py --methods all --protocols single sequential
+    python benchmarks/eval_suite.py --limit 3                        # a quick check that it runs
+
+For each data set the unedited model's probe outputs are computed once (all cases in one batched
+pass; its time is reported as ``reference_seconds``) and shared by every method and protocol.
+Writes ``benchmarks/results/eval_<data>_<protocol>.json`` (one run per method) and prints one
+markdown table per data set and protocol, followed by how the time was spent: editing, scoring
+the edited model, and scoring the unedited one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import peft_edit  # noqa: F401  (registers the methods)
+from peft_edit.cli import load_model, parse_overrides
+from peft_edit.data import load_cases, load_piqa
+from peft_edit.evaluation import PROTOCOLS, ScoreSettings, evaluate, pre_edit_reference
+from peft_edit.evaluation.piqa import sample_questions
+from peft_edit.evaluation.report import format_table, write_json
+from peft_edit.registration import EDIT_METHODS
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = {
+    # ROME's schema: rephrases, ten neighbours, generation prompts (fluency, consistency).
+    "counterfact": f"counterfact:{DATA / 'counterfact_rome_sample500.json'}",
+    # MEND's zsRE with EasyEdit's one-hop portability questions.
+    "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}",
+}
+PIQA = DATA / "piqa_valid_with_labels.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--methods", nargs="+", default=["rome"], help="registered methods, or 'all'")
+    parser.add_argument("--data", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--protocols", nargs="+", default=["single"], choices=PROTOCOLS)
+    parser.add_argument("--limit", type=int, default=100, help="cases per data set")
+    parser.add_argument(
+        "--piqa-sample", type=int, default=100, help="PIQA questions (0: skip the downstream check)"
+    )
+    parser.add_argument("--generation-tokens", type=int, default=64, help="greedy tokens for fluency")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="sequential protocol: score every N cases"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    methods = sorted(EDIT_METHODS) if args.methods == ["all"] else args.methods
+    unknown = [m for m in methods if m not in EDIT_METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; registered: {', '.join(sorted(EDIT_METHODS))}")
+    overrides = parse_overrides(args.set, methods)
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2")
+    settings = ScoreSettings(generation_tokens=args.generation_tokens)
+    questions = sample_questions(load_piqa(PIQA), args.piqa_sample) if args.piqa_sample else []
+    for name in args.data:
+        cases = load_cases(SETS[name], limit=args.limit)
+        reference = pre_edit_reference(model, tokenizer, cases, settings, questions)
+        for protocol in args.protocols:
+            results = [
+                evaluate(
+                    model,
+                    tokenizer,
+                    cases,
+                    method,
+                    protocol,
+                    config_overrides=overrides[method],
+                    eval_every=args.eval_every,
+                    piqa=questions,
+                    generation_tokens=args.generation_tokens,
+                    reference=reference,
+                )  # fmt: skip
+                for method in methods
+            ]
+            meta = {"model": "SmolLM2-135M-Instruct", "data": SETS[name], "threads": torch.get_num_threads()}
+            path = write_json(args.output_dir / f"eval_{name}_{protocol}.json", results, meta)
+            print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")
+            print(format_table(results))
+            print(
+                f"\nunedited model, all probes of all {len(cases)} cases batched: {reference.seconds:.1f} s"
+            )
+            for r in results:
+                s = r.summary
+                print(
+                    f"{r.method}: editing {s['edit_seconds']:.1f} s ({s['seconds_per_edit']:.2f} s per edit), "
+                    f"scoring the edited model {s['eval_seconds']:.1f} s"
+                )
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
