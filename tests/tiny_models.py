@@ -343,3 +343,22 @@ def encode_batch(tokenizer, texts: list[str] | str, padding_side: str = "left") 
     if isinstance(texts, str):
         texts = [texts]
     return dict(tokenizer(list(texts), return_tensors="pt", padding=True, padding_side=padding_side))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for adapter tests
+# --------------------------------------------------------------------------------------------
+
+PROBE = "The Eiffel Tower is located in the city of"
+
+
+def logits(model, tokenizer, text=PROBE):
+    """The model's float logits for the token after ``text``."""
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits[0, -1].float()
+
+
+def state(model):
+    """A copy of every tensor of the model's state dict."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
