@@ -1,0 +1,169 @@
+"""Lifelong editing on SmolLM2: thousands of corrections, one at a time, into one adapter.
+
+    python benchmarks/lifelong.py                              # GRACE, 300 zsRE + 300 hallucination cases
+    python benchmarks/lifelong.py --methods grace wise tpatcher
+    python benchmarks/lifelong.py --full                       # 1,000 zsRE cases (hallucination has 600)
+    python benchmarks/lifelong.py --limit 50 --eval-every 25   # a quick run
+    python benchmarks/lifelong.py --set grace.init_radius=0.4  # a config override (FIELD=VALUE for all)
+
+Any registered edit method can be named (``peft_edit.register_edit_method``). Cases are edited
+sequentially into the same adapter; after every ``--eval-every`` edits every case edited so far
+is scored: reliability (edit prompts), generalization (rephrases; the hallucination set has
+none) and locality (unrelated prompts keep their outputs), each teacher-forced (``_tf``: share
+of answer tokens that are the argmax) and by greedy generation (``_gen``: output starts with
+the target; locality: output unchanged). Also reported: seconds per edit, the adapter's size on
+disk after the last edit, and the process's peak memory.
+
+Writes ``benchmarks/results/lifelong_<data>.json`` and ``benchmarks/results/lifelong/<data>/``
+(``sequential.png``: every metric over the number of edits; ``metrics.png``), and prints a table
+per data set. Timings depend on the machine's load: the JSON records the load average and the
+number of threads used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+import peft_edit  # noqa: F401  (registers the methods)
+from peft_edit.cli import load_model, parse_overrides
+from peft_edit.data import load_cases
+from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
+from peft_edit.evaluation.report import format_table, plot_results, write_json
+from peft_edit.registration import EDIT_METHODS
+from peft_edit.tuners.tuner import EditTuner
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = {
+    # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
+    "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}",
+    # WISE's hallucination set: a Wikipedia passage -> a corrected sentence, unrelated web text.
+    "hallucination": f"hallucination:{DATA / 'wise_hallucination_edit.json'}",
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+CURVE_COLUMNS = ["reliability_tf", "generalization_tf", "locality_tf", "reliability_gen", "generalization_gen",
+                 "locality_gen"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def adapter_bytes_on_unload(sizes: list[int]):
+    """Record the size on disk of each adapter just before the protocol unloads it.
+
+    The sequential protocol removes its adapter when it is done; its size after the last edit is
+    measured here, as ``save_pretrained`` would write it (weights + ``adapter_config.json``).
+    """
+    unload = EditTuner.unload_edits
+
+    def measure_then_unload(tuner):
+        with tempfile.TemporaryDirectory() as folder:
+            total = 0
+            for name, config in tuner.peft_config.items():
+                weights = get_peft_model_state_dict(tuner, adapter_name=name)
+                save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, f"{name}.st"))
+                config.save_pretrained(os.path.join(folder, name))
+                total += os.path.getsize(os.path.join(folder, f"{name}.st"))
+                total += os.path.getsize(os.path.join(folder, name, "adapter_config.json"))
+            sizes.append(total)
+        return unload(tuner)
+
+    EditTuner.unload_edits = measure_then_unload
+    try:
+        yield sizes
+    finally:
+        EditTuner.unload_edits = unload
+
+
+def print_curve(result) -> None:
+    print(f"\n{result.method}: after every {result.curve[0]['edits']} edits")
+    print("| edits | " + " | ".join(CURVE_COLUMNS) + " |")
+    print("|---" * (len(CURVE_COLUMNS) + 1) + "|")
+    for point in result.curve:
+        cells = ["–" if point.get(k) is None else f"{point[k]:.3f}" for k in CURVE_COLUMNS]
+        print(f"| {point['edits']} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--methods", nargs="+", default=["grace"], help="registered edit methods")
+    parser.add_argument("--data", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument(
+        "--limit", type=int, default=300, help="cases per data set (edited one after another)"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="1,000 cases per data set (as many as the file has)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=50, help="score every case edited so far every N edits"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE", help="config override"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    unknown = [m for m in args.methods if m not in EDIT_METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; registered: {', '.join(sorted(EDIT_METHODS))}")
+    overrides = parse_overrides(args.set, args.methods)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limit = 1000 if args.full else args.limit
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2")
+    # Answers and corrections are short (zsRE) or one sentence (hallucination): no free generation.
+    settings = ScoreSettings(generation_tokens=0)
+    for name in args.data:
+        cases = load_cases(SETS[name], limit=limit)
+        reference = pre_edit_reference(model, tokenizer, cases, settings)
+        results = []
+        for method in args.methods:
+            sizes: list[int] = []
+            with adapter_bytes_on_unload(sizes):
+                result = evaluate(
+                    model,
+                    tokenizer,
+                    cases,
+                    method,
+                    "sequential",
+                    config_overrides=overrides[method],
+                    eval_every=args.eval_every,
+                    generation_tokens=0,
+                    reference=reference,
+                )
+            result.summary["adapter_kb"] = sizes[-1] / 1024 if sizes else None
+            results.append(result)
+        meta = {
+            "model": "SmolLM2-135M-Instruct",
+            "data": SETS[name],
+            "cases": len(cases),
+            "threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(),
+            "cpu_count": os.cpu_count(),
+        }
+        path = write_json(args.output_dir / f"lifelong_{name}.json", results, meta)
+        charts = plot_results(results, args.output_dir / "lifelong" / name)
+        print(f"\n### {name}: {len(cases)} cases edited one after another\n")
+        print(format_table(results))
+        for r in results:
+            print_curve(r)
+            s = r.summary
+            print(
+                f"{r.method}: {s['seconds_per_edit']:.2f} s per edit, adapter {s['adapter_kb']:.0f} KB on disk, "
+                f"peak RSS {s['peak_rss_mb']:.0f} MB"
+            )
+        print(f"wrote {path} and {', '.join(str(c) for c in charts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""GRACE's value: the output an MLP must give at a prompt's last token for the model to emit a target.
+
+For one edit, the rows are the prompt followed by the target's tokens (teacher forcing); the
+value v replaces the wrapped module's output at the last prompt token of every row, and is
+optimised (Adam) to minimise the target's negative log-likelihood, until every target token is
+likely enough to be the greedy choice (``early_stop_prob``). When an entry is shared by
+several prompts (its radius was widened to cover a paraphrase with the same target), all of
+them are rows, so the shared value keeps serving each.
+
+Only what v can reach is recomputed at each step: positions before the last prompt token are
+cached, blocks below the codebook's block are replayed, and the LM head runs only where the loss
+reads logits (:class:`~peft_edit.edit_site.EditSiteRunner`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...architectures import Layout
+from ...edit_site import AlignedBatch, EditSiteRunner
+
+
+@dataclass
+class Value:
+    value: torch.Tensor  # (out,)
+    keys: torch.Tensor  # (rows, in): the wrapped module's input at each row's last prompt token
+    loss: float  # mean negative log-likelihood of the targets with this value
+    steps: int
+
+
+def optimise_value(
+    model: nn.Module,
+    layout: Layout,
+    layer: int,
+    site: nn.Module,
+    rows: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    hp,
+    start: torch.Tensor | None = None,
+) -> Value:
+    """Optimise the value for ``rows`` of (prompt ids, target ids); ``start`` is the initial value.
+
+    Without ``start``, optimisation begins at the module's own output on the first row, so the
+    value only moves as far as the target needs. The codebook is switched off meanwhile
+    (``site.bypassed()``): the value replaces the module's own output, whatever is stored now.
+    """
+    ids = [prompt + target[:-1] for prompt, target in rows]
+    sites = [len(prompt) - 1 for prompt, _ in rows]
+    device = next(model.parameters()).device
+    batch = AlignedBatch.build(ids, sites, pad_id, device=device)
+    loss_rows, loss_cols, loss_tokens, loss_weights = [], [], [], []
+    for r, (prompt, target) in enumerate(rows):
+        for j, token in enumerate(target):
+            loss_rows.append(r)
+            loss_cols.append(batch.suffix_column(r, len(prompt) - 1 + j))
+            loss_tokens.append(token)
+            loss_weights.append(1.0 / (len(target) * len(rows)))  # mean over tokens, then rows
+    loss_tokens = torch.tensor(loss_tokens, device=device)[:, None]
+    loss_weights = torch.tensor(loss_weights, device=device)
+    stop_logp = math.log(hp.early_stop_prob)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with site.bypassed(), EditSiteRunner(model, layout, layer, site, batch) as runner:
+            own_output = runner.site_output  # (rows, out)
+            keys = runner.site_input.clone()
+            value = (own_output[0] if start is None else start.float()).clone().requires_grad_(True)
+            # The step size scales with the module's output (its RMS per coordinate), so one default
+            # suits every model and layer.
+            scale = own_output[0].pow(2).mean().sqrt().item()
+            optimizer = torch.optim.Adam([value], lr=hp.value_lr * scale)
+            best_loss, best_value, step = float("inf"), value.detach().clone(), 0
+            for step in range(hp.value_steps + 1):
+                optimizer.zero_grad()
+                hidden = runner.final_hidden(
+                    value[None, :] - own_output
+                )  # output becomes `value` on every row
+                logp = runner.log_probs(hidden, loss_rows, loss_cols)
+                token_logp = logp.gather(1, loss_tokens).squeeze(1)
+                loss = -(token_logp * loss_weights).sum()
+                if loss.item() < best_loss:
+                    best_loss, best_value = loss.item(), value.detach().clone()
+                # Done once every target token is likely enough to be the greedy choice with a margin;
+                # a mean-loss threshold would keep polishing short targets and rarely stop long ones.
+                if token_logp.min().item() > stop_logp:
+                    best_loss, best_value = loss.item(), value.detach().clone()
+                    break
+                if step == hp.value_steps:
+                    break  # the last loss is measured, not followed by another update
+                loss.backward()
+                optimizer.step()
+    finally:
+        model.train(was_training)
+    return Value(value=best_value, keys=keys, loss=best_loss, steps=step)

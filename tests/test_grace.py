@@ -1,0 +1,252 @@
+"""GRACE on tiny models: the codebook rules, save/load, generation, merge refusal, rollback, unload.
+
+Tiny random models test mechanics, not knowledge (test_grace_smollm2.py does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
+from torch import nn
+
+import peft_edit.tuners.grace.model as grace_model
+from peft_edit import EditRequest, GraceConfig, get_edited_model
+from peft_edit.tuners.config import EditConfig
+from peft_edit.tuners.grace.config import default_grace_layer
+from peft_edit.tuners.grace.layer import GraceLayer, Placement, target_label
+from peft_edit.tuners.wrapped import CannotMergeError
+
+TEMPLATE = "{} is located in the city of"
+SUBJECTS = ["The Eiffel Tower", "Big Ben", "The Colosseum", "The Space Needle", "The Pantheon", "The Louvre"]
+TARGETS = ["Rome", "Paris", "London", "Seattle", "Berlin", "Madrid"]
+REQUESTS = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
+FAST = dict(value_steps=30)
+
+
+def prompt_logits(model, tokenizer, text):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits[0]
+
+
+def greedy(model, tokenizer, text, n=2, use_cache=True):
+    ids = tokenizer(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=PAD_ID, use_cache=use_cache)
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def target_ids(tokenizer, request):
+    from peft_edit.requests import tokenize_continuation
+
+    return tokenize_continuation(tokenizer, request.filled_prompt, request.target_new)[1]
+
+
+def codebook_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in ("keys", "values", "radii", "labels"))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model_and_tokenizer("llama")
+
+
+@pytest.fixture
+def edited(llama):
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    return get_edited_model(
+        model, GraceConfig(**FAST), requests=REQUESTS[:3], tokenizer=tokenizer, progress=False
+    )
+
+
+# ----------------------------------------------------------------- the codebook rules, on one layer
+def layer_with(keys, radii, labels):
+    layer = GraceLayer(nn.Linear(2, 3), "default", 0)
+    for key, radius, label in zip(keys, radii, labels):
+        layer.append(
+            "default", Placement("add"), torch.tensor(key), torch.full((3,), float(label)), radius, label
+        )
+    return layer
+
+
+def test_inputs_outside_every_radius_pass_through_unchanged():
+    layer = layer_with([[0.0, 0.0], [10.0, 0.0]], [1.0, 2.0], [1, 2])
+    x = torch.tensor([[[0.5, 0.0], [5.0, 0.0], [9.0, 0.5], [10.0, 2.5]]])
+    out, own = layer(x), layer.base_layer(x)
+    torch.testing.assert_close(out[0, 0], torch.full((3,), 1.0))  # inside key 0's radius
+    torch.testing.assert_close(out[0, 2], torch.full((3,), 2.0))  # inside key 1's radius
+    assert torch.equal(out[0, 1], own[0, 1]) and torch.equal(out[0, 3], own[0, 3])
+
+
+def test_a_far_key_is_added_with_the_initial_radius():
+    layer = layer_with([[0.0, 0.0]], [1.0], [1])
+    placement = layer.placement("default", torch.tensor([5.0, 0.0]), label=2, radius=1.0, tolerance=1e-3)
+    assert placement.action == "add"
+    assert layer.append("default", placement, torch.tensor([5.0, 0.0]), torch.zeros(3), 1.0, 2) == (1, 2)
+    assert layer.grace_radii["default"].tolist() == [1.0, 1.0]
+
+
+def test_a_near_key_with_the_same_target_expands_the_stored_radius():
+    layer = layer_with([[0.0, 0.0]], [1.0], [7])
+    key = torch.tensor([1.5, 0.0])  # outside the radius (1.0), inside radius + initial radius (2.0)
+    placement = layer.placement("default", key, label=7, radius=1.0, tolerance=1e-3)
+    assert (placement.action, placement.index, placement.distance) == ("expand", 0, 1.5)
+    assert layer.append("default", placement, key, torch.full((3,), 9.0), 1.0, 7) == (0, 1)
+    assert layer.size("default") == 1
+    # Covers the new key with a margin: the key a later forward pass computes may differ in rounding.
+    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([1.5 + 1e-3]))
+    assert layer(key[None] * (1 + 1e-5))[0].tolist() == [9.0] * 3
+    assert layer.grace_values["default"][0].tolist() == [9.0] * 3  # the shared value, re-optimised
+
+
+def test_a_near_key_with_another_target_splits_the_space():
+    layer = layer_with([[0.0, 0.0]], [1.0], [7])
+    key = torch.tensor([1.5, 0.0])
+    placement = layer.placement("default", key, label=8, radius=1.0, tolerance=1e-3)
+    assert placement.action == "split"
+    assert layer.append("default", placement, key, torch.zeros(3), 1.0, 8) == (1, 2)
+    assert layer.grace_radii["default"].tolist() == [0.75, 0.75]
+    out = layer(torch.tensor([[0.7, 0.0], [0.8, 0.0]]))
+    assert out[0].tolist() == [7.0] * 3 and out[1].tolist() == [0.0] * 3  # each side answers its own
+
+
+def test_the_same_prompt_edited_again_overwrites_its_entry():
+    layer = layer_with([[0.0, 0.0]], [1.0], [7])
+    placement = layer.placement("default", torch.tensor([0.0, 1e-5]), label=8, radius=1.0, tolerance=1e-3)
+    assert placement.action == "replace"
+    assert layer.append("default", placement, torch.zeros(2), torch.full((3,), 5.0), 1.0, 8) == (0, 1)
+    assert layer.grace_labels["default"].tolist() == [8]
+    assert layer.grace_values["default"][0].tolist() == [5.0] * 3
+
+
+# ---------------------------------------------------------------------------- the adapter
+def test_each_edit_is_emitted_and_the_ledger_names_its_entry(edited, llama):
+    _, tokenizer = llama
+    for i, request in enumerate(REQUESTS[:3]):
+        wanted = target_ids(tokenizer, request)
+        assert greedy(edited, tokenizer, request.filled_prompt, n=len(wanted)) == wanted
+        assert list(edited.ledger[i]["modules"].values()) == [[i, i + 1]]
+    labels = edited.base_model.codebook()["labels"].tolist()
+    assert labels == [target_label(r.target_new) for r in REQUESTS[:3]]
+
+
+def test_generation_with_and_without_the_kv_cache_agree(edited, llama):
+    _, tokenizer = llama
+    for request in REQUESTS[:3]:
+        text = request.filled_prompt
+        assert greedy(edited, tokenizer, text, n=4, use_cache=True) == greedy(
+            edited, tokenizer, text, n=4, use_cache=False
+        )
+
+
+def test_a_transformers_pipeline_emits_the_edit(edited, llama):
+    from transformers import pipeline
+
+    _, tokenizer = llama
+    generate = pipeline("text-generation", model=edited, tokenizer=tokenizer)
+    request = REQUESTS[1]
+    text = generate(request.filled_prompt, max_new_tokens=2, do_sample=False, return_full_text=False)
+    assert text[0]["generated_text"].strip().startswith(request.target_new)
+
+
+def test_disable_adapter_switches_the_codebook_off(edited, llama):
+    _, tokenizer = llama
+    text = REQUESTS[0].filled_prompt
+    original = prompt_logits(tiny_model("llama"), tokenizer, text)
+    assert (prompt_logits(edited, tokenizer, text) - original).abs().max() > 1e-3
+    with edited.disable_adapter():
+        torch.testing.assert_close(prompt_logits(edited, tokenizer, text), original, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n_edits", [0, 1, 4])
+def test_the_codebook_round_trips_through_save_and_load(llama, tmp_path, n_edits):
+    _, tokenizer = llama
+    edited = get_edited_model(
+        tiny_model("llama"), GraceConfig(**FAST), requests=REQUESTS[:n_edits] or None, tokenizer=tokenizer
+    )
+    edited.save_pretrained(tmp_path / "grace")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "grace")
+    assert codebook_equal(reloaded.base_model.codebook(), edited.base_model.codebook())
+    assert reloaded.base_model.codebook()["keys"].shape[0] == n_edits
+    for request in REQUESTS[:4]:
+        text = request.filled_prompt
+        torch.testing.assert_close(
+            prompt_logits(reloaded, tokenizer, text), prompt_logits(edited, tokenizer, text)
+        )
+    # The reloaded adapter keeps growing where the saved one stopped.
+    reloaded.edit([REQUESTS[5]], tokenizer=tokenizer, progress=False)
+    assert list(reloaded.ledger[-1]["modules"].values()) == [[n_edits, n_edits + 1]]
+
+
+def test_merge_and_unload_raises_a_clear_error_and_changes_nothing(edited, llama):
+    _, tokenizer = llama
+    text = REQUESTS[0].filled_prompt
+    expected = prompt_logits(edited, tokenizer, text)
+    with pytest.raises(CannotMergeError, match="GRACE edits live in a codebook beside the weights"):
+        edited.merge_and_unload()
+    with pytest.raises(CannotMergeError, match="unload_edits"):
+        edited.merge_adapter()
+    torch.testing.assert_close(prompt_logits(edited, tokenizer, text), expected, atol=0, rtol=0)
+
+
+def test_a_failed_edit_restores_the_codebook_including_changed_radii(edited, llama, monkeypatch):
+    _, tokenizer = llama
+    before, ledger = edited.base_model.codebook(), edited.ledger
+    # The same prompt with the same target expands (or overwrites) a stored entry in place; the
+    # edit after it fails, so the whole call must be undone.
+    again = dataclasses.replace(REQUESTS[0], prompt="{} is located in the town of")
+    real, calls = grace_model.optimise_value, []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planned failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grace_model, "optimise_value", fail_on_second)
+    with pytest.raises(RuntimeError, match="planned"):
+        edited.edit([again, REQUESTS[4]], progress=False)
+    assert codebook_equal(edited.base_model.codebook(), before)
+    assert edited.ledger == ledger
+
+
+def test_unload_edits_is_bit_identical(edited, llama):
+    _, tokenizer = llama
+    before = tiny_model("llama").state_dict()
+    base = edited.unload_edits()
+    after = base.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------ the config
+def test_defaults_need_no_per_model_settings():
+    assert [default_grace_layer(d) for d in (4, 12, 30, 32)] == [3, 10, 24, 26]
+    inherited = {f.name for f in dataclasses.fields(EditConfig)}
+    own = [f for f in dataclasses.fields(GraceConfig) if f.name not in inherited]
+    assert own and all(f.metadata.get("help") for f in own), [
+        f.name for f in own if not f.metadata.get("help")
+    ]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "phi"])
+def test_other_families_wrap_their_mlp_and_emit_the_edit(family):
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    edited = get_edited_model(
+        model, GraceConfig(**FAST), requests=REQUESTS[:2], tokenizer=tokenizer, progress=False
+    )
+    (name,) = edited.peft_config["default"].target_modules
+    assert name.endswith("fc2" if family == "opt" else "mlp")
+    for request in REQUESTS[:2]:
+        wanted = target_ids(tokenizer, request)
+        assert greedy(edited, tokenizer, request.filled_prompt, n=len(wanted)) == wanted
+
+
+def test_a_layer_beyond_the_model_fails_before_touching_it(llama):
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="only 4 blocks"):
+        get_edited_model(model, GraceConfig(layer=7), requests=REQUESTS[:1], tokenizer=tokenizer)
+    assert not any(isinstance(m, GraceLayer) for m in model.modules())
