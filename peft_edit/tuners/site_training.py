@@ -1,0 +1,288 @@
+"""Train a change to one module's output so the model emits edit targets (shared by WISE and T-Patcher).
+
+WISE (a side copy of an MLP output projection) and T-Patcher (patch neurons beside it) both
+change what one projection emits and learn the change by gradient descent: the model must
+predict each request's new target after its prompt, also after short sampled prefixes, while a
+method-specific term decides where the change acts. What they share lives here:
+
+* :func:`build_target_rows`: the token rows of a set of requests (prompt + target, with and
+  without prefixes) and which positions predict which target token;
+* :func:`site_inputs`: the projection's inputs ("keys") at every token of some texts, the forward
+  stopped right after the projection;
+* :func:`train_added_output`: the optimisation loop. Blocks below the site are run once and
+  replayed (:class:`~peft_edit.edit_site.EditSiteRunner`), and gradients reach only the method's
+  own tensors.
+
+A projection's input at block L does not depend on its own output (attention at L reads the
+residual stream from before L's MLP), so keys collected once stay valid while the output is
+trained.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..architectures import Layout
+from ..context_templates import sample_context_templates
+from ..edit_site import AlignedBatch, EditSiteRunner
+from ..requests import EditRequest, fill, pad_token_id, tokenize_continuation
+
+# Text about nothing in particular: the inputs an edit must leave alone when the user gives none.
+# Questions and statements, since edit prompts come in both forms (ZsRE asks, CounterFact states).
+UNRELATED_TEXTS: tuple[str, ...] = (
+    "The weather today is sunny with a light breeze from the west.",
+    "She opened the window and listened to the birds singing outside.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The committee will meet again next Tuesday to discuss the budget.",
+    "He plays the piano every evening after dinner.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into sugar.",
+    "Our team finished the project two weeks ahead of schedule.",
+    "The museum is closed on Mondays and public holidays.",
+    "Add the flour slowly and stir until the dough is smooth.",
+    "The river flows north for about three hundred kilometres.",
+    "Most cats sleep for more than twelve hours a day.",
+    "The novel tells the story of a family across three generations.",
+    "Prices rose sharply after the harvest failed last autumn.",
+    "The children built a sandcastle near the edge of the water.",
+    "What is the boiling point of water?",
+    "How many legs does a spider have?",
+    "Who wrote the novel about the white whale?",
+    "Which planet is closest to the sun?",
+    "What time does the library open on Saturdays?",
+    "Where did you leave the keys to the car?",
+    "What is the largest ocean on Earth?",
+    "How do you say thank you in Spanish?",
+    "Which language is spoken in Brazil?",
+    "What does a carpenter do at work?",
+    "Who painted the ceiling of the Sistine Chapel?",
+    "The capital of Japan is Tokyo.",
+    "Mount Everest is the highest mountain in the world.",
+    "A week has seven days and a year has twelve months.",
+    "The company was founded in a small garage in California.",
+)
+
+
+# ----------------------------------------------------------------------------------------- rows
+@dataclass
+class TargetRows:
+    """Token rows (right-padded, no prefix cache) of requests, each after several prefixes.
+
+    Row ``r`` belongs to request ``request_of[r]``; the first row of each request is the bare
+    prompt (the prefix ``"{}"``). ``predicts[r]`` lists ``(position, target token)`` pairs: the
+    logits at ``position`` must predict that token.
+    """
+
+    batch: AlignedBatch
+    request_of: list[int]
+    bare: list[bool]
+    predicts: list[list[tuple[int, int]]]
+    lengths: list[int]  # real tokens per row
+    last_prompt: list[int]  # position of each row's last prompt token
+
+    def valid_mask(self) -> torch.Tensor:
+        """(rows, T) bool: the real tokens."""
+        return self.batch.attention_mask.bool()
+
+    def predicting_mask(self) -> torch.Tensor:
+        """(rows, T) bool: the positions whose logits predict a target token."""
+        mask = torch.zeros_like(self.batch.attention_mask, dtype=torch.bool)
+        for r, pairs in enumerate(self.predicts):
+            for pos, _ in pairs:
+                mask[r, pos] = True
+        return mask
+
+
+def build_target_rows(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    context_templates: Sequence[str],
+    device=None,
+    replayed: Sequence[EditRequest] = (),
+) -> TargetRows:
+    """Rows of ``requests`` after every prefix, then of ``replayed`` (earlier edits kept in training) bare only."""
+    ids, request_of, bare, predicts, last_prompt = [], [], [], [], []
+    jobs = [(r, context_templates) for r in requests] + [(r, ["{}"]) for r in replayed]
+    for i, (request, contexts) in enumerate(jobs):
+        for context in contexts:
+            template = context.replace("{}", request.template)
+            prompt_ids, target_ids = tokenize_continuation(
+                tokenizer, fill(template, request.subject), request.target_new
+            )
+            ids.append(prompt_ids + target_ids[:-1])
+            request_of.append(i)
+            bare.append(context == "{}")
+            predicts.append([(len(prompt_ids) - 1 + j, tok) for j, tok in enumerate(target_ids)])
+            last_prompt.append(len(prompt_ids) - 1)
+    batch = AlignedBatch.build(ids, [0] * len(ids), pad_token_id(tokenizer), device=device)
+    return TargetRows(batch, request_of, bare, predicts, [len(r) for r in ids], last_prompt)
+
+
+# ---------------------------------------------------------------------------------------- keys
+class _StopForward(Exception):
+    """Raised once the site's input is captured, so the blocks above it are not computed."""
+
+
+@torch.no_grad()
+def site_inputs(model: nn.Module, site: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16):
+    """The site's input at every real token of each text: a list of (tokens, in) float tensors."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    out: list[torch.Tensor] = []
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        captured.append(args[0])
+        raise _StopForward
+
+    handle = site.register_forward_pre_hook(hook)
+    try:
+        for start in range(0, len(texts), batch_size):
+            encoded = [tokenizer(t)["input_ids"] for t in texts[start : start + batch_size]]
+            width = max(len(e) for e in encoded)
+            input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
+            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
+            captured.clear()
+            try:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            if not captured:
+                raise RuntimeError("The forward pass never reached the edited module.")
+            x = captured[0].reshape(len(encoded), width, -1).float()
+            out.extend(x[r, : len(e)] for r, e in enumerate(encoded))
+    finally:
+        handle.remove()
+    return out
+
+
+# Per base model and layer: keys of texts seen before (unrelated texts, earlier edits' prompts).
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_site_inputs(model: nn.Module, layer: int, site: nn.Module, tokenizer, texts: Sequence[str]):
+    """:func:`site_inputs`, remembering each text's keys per model and layer.
+
+    Valid because the keys depend only on the weights below the site, which editing never changes.
+    """
+    cache = _KEYS.setdefault(model, {})
+    missing = list(dict.fromkeys(t for t in texts if (layer, t) not in cache))
+    if missing:
+        for text, keys in zip(missing, site_inputs(model, site, tokenizer, missing)):
+            cache[(layer, text)] = keys
+    return [cache[(layer, t)] for t in texts]
+
+
+# Per base model: sampled prefixes are drawn once and reused by every edit.
+_CONTEXT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def context_templates(model: nn.Module, tokenizer, lengths: Sequence[int], per_length: int, seed: int):
+    """``["{}", "<sampled text>. {}", ...]``, sampled once per model and settings."""
+    cache = _CONTEXT_TEMPLATES.setdefault(model, {})
+    key = (tuple(lengths), per_length, seed)
+    if key not in cache:
+        cache[key] = (
+            sample_context_templates(model, tokenizer, lengths, per_length, seed)
+            if per_length > 0
+            else ["{}"]
+        )
+    return cache[key]
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    nll: float  # mean negative log-likelihood of the targets at the end
+    steps: int
+    site_input: torch.Tensor  # (rows, T, in): the site's input in the training rows
+
+
+def train_added_output(
+    model: nn.Module,
+    layout: Layout,
+    layer: int,
+    site: nn.Module,
+    rows: TargetRows,
+    parameters: Sequence[torch.Tensor],
+    added_output: Callable[[torch.Tensor], torch.Tensor],
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    early_stop_loss: float,
+    done: Callable[[], bool] = lambda: True,
+    after_step: Callable[[], None] = lambda: None,
+    optimizer: str = "adam",
+) -> TrainResult:
+    """Adam (or plain SGD: ``optimizer="sgd"``) on ``parameters`` so that ``site``'s output plus ``added_output(x)`` makes the model emit the targets.
+
+    ``added_output(x)`` maps the site's input (rows, T, in) to what is added to its output
+    (rows, T, out), at every position. The loss is the targets' mean NLL (over tokens, then rows)
+    plus ``extra_loss(x, added)``. Optimisation stops after ``steps`` or once the NLL is below
+    ``early_stop_loss`` and ``done()`` says the method's own constraints hold. ``after_step`` runs
+    after each update (e.g. to project the parameters back onto a constraint set).
+    """
+    batch = rows.batch
+    n_rows = batch.input_ids.shape[0]
+    nll_rows, nll_cols, nll_tokens, nll_weights = [], [], [], []
+    per_request = {}
+    for owner in rows.request_of:
+        per_request[owner] = per_request.get(owner, 0) + 1
+    for r, pairs in enumerate(rows.predicts):
+        for pos, tok in pairs:
+            nll_rows.append(r)
+            nll_cols.append(pos)
+            nll_tokens.append(tok)
+            # Every request weighs the same, and within it every row, and within a row every token.
+            nll_weights.append(1.0 / (len(pairs) * per_request[rows.request_of[r]] * len(per_request)))
+    device = batch.input_ids.device
+    nll_tokens_t = torch.tensor(nll_tokens, device=device)
+    nll_weights_t = torch.tensor(nll_weights, device=device)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def add_to_site(_module, args, output):
+        x = args[0].reshape(n_rows, -1, args[0].shape[-1]).float()
+        added = added_output(x)
+        seen["x"], seen["added"] = x, added
+        return (output.reshape(n_rows, -1, output.shape[-1]) + added.to(output.dtype)).view_as(output)
+
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
+    optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(parameters, lr=lr)
+    was_training = model.training
+    model.eval()
+    nll_value, step = float("inf"), 0
+    try:
+        with EditSiteRunner(model, layout, layer, site, batch) as runner:
+            handle = site.register_forward_hook(add_to_site)
+            try:
+                zero = torch.zeros(runner.site_output.shape[-1], device=device)
+                for step in range(1, steps + 1):
+                    optimizer.zero_grad()
+                    hidden = runner.final_hidden(zero)
+                    logp = runner.log_probs(hidden, nll_rows, nll_cols)
+                    nll = -(logp.gather(1, nll_tokens_t[:, None]).squeeze(1) * nll_weights_t).sum()
+                    loss = nll + extra_loss(seen["x"], seen["added"])
+                    nll_value = nll.item()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"The edit's training loss became {loss.item()} at step {step}; lower the learning rate."
+                        )
+                    if nll_value < early_stop_loss and done():
+                        break
+                    if step == steps:
+                        break  # the last loss is measured, not followed by another update
+                    loss.backward()
+                    optimizer.step()
+                    after_step()
+            finally:
+                handle.remove()
+    finally:
+        model.train(was_training)
+    return TrainResult(nll=nll_value, steps=step, site_input=seen["x"].detach())

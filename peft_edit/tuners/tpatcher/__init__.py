@@ -1,0 +1,4 @@
+from .config import TPatcherConfig
+from .model import TPatcherTuner
+
+__all__ = ["TPatcherConfig", "TPatcherTuner"]

@@ -1,0 +1,51 @@
+"""T-Patcher's maths: where a new patch starts, and its activation and memory losses.
+
+A patch's pre-activation on a key ``q`` is ``s(q) = k·q + b``. The paper's losses, written as
+hinges with unit margins: the activation loss wants ``s ≥ 1`` wherever the edit's target is
+predicted, the memory loss ``s ≤ -1`` on every memory key (unrelated text, earlier edits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PatchStart:
+    direction: torch.Tensor  # (in,): k = scale * direction
+    scale: float
+    bias: float
+
+
+def initial_patch(edit_keys: torch.Tensor, memory_keys: torch.Tensor, boundary: float = 0.5) -> PatchStart:
+    """A key along the edit's mean key minus the memory's mean, firing from ``boundary`` of the way to the edit.
+
+    With the boundary halfway the edit sits at s = +1 and the memory at -1; further towards the
+    edit, the memory sits lower and unseen text must come closer to the edit to fire the patch.
+
+    Measured on the closest cases (the edit key least along the direction, the memory key most),
+    so a patch that starts separable needs no key training at all; otherwise the losses take over.
+    """
+    direction = edit_keys.mean(0) - memory_keys.mean(0)
+    direction = direction / direction.norm().clamp(min=1e-12)
+    edit_low = (edit_keys @ direction).min()
+    memory_high = (memory_keys @ direction).max()
+    gap = edit_low - memory_high
+    if gap <= 0:  # not separable along this direction: centre between the means instead
+        edit_low, memory_high = (edit_keys @ direction).mean(), (memory_keys @ direction).mean()
+        gap = (edit_low - memory_high).clamp(min=1e-6)
+    # s = scale * (q·direction - threshold), threshold `boundary` of the way from memory to edit, s(edit_low) = 1.
+    threshold = memory_high + boundary * gap
+    scale = float(1.0 / ((1.0 - boundary) * gap))
+    bias = float(-scale * threshold)
+    return PatchStart(direction=direction, scale=scale, bias=bias)
+
+
+def activation_loss(edit_pre: torch.Tensor) -> torch.Tensor:
+    return torch.relu(1.0 - edit_pre).mean()
+
+
+def memory_loss(memory_pre: torch.Tensor) -> torch.Tensor:
+    return torch.relu(memory_pre + 1.0).mean()

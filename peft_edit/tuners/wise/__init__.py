@@ -1,0 +1,4 @@
+from .config import WiseConfig
+from .model import WiseTuner
+
+__all__ = ["WiseConfig", "WiseTuner"]

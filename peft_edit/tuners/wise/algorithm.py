@@ -1,0 +1,70 @@
+"""WISE's maths: activation gaps, the routing margins, shard masks, Ties merging.
+
+Notation of the paper: the side memory is ``W' = W + D``; the activation gap of an input ``x`` is
+``Δ(x) = ||(W' − W) x|| = ||D x||`` (per token), and a text's gap is its mean over the text's
+tokens (here: over the tokens up to each position, so the rule is causal and a KV-cached
+generation routes exactly as a full forward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shard_mask(
+    out_features: int, in_features: int, ratio: float, seed: int, shard: int, device=None
+) -> torch.Tensor:
+    """The random subspace of one shard: a (out, in) 0/1 float mask with a fraction ``ratio`` of ones.
+
+    Drawn from ``(seed, shard)`` alone, so it is never stored and every shard gets its own.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+    mask = torch.rand(out_features, in_features, generator=generator) < ratio
+    return mask.float().to(device)
+
+
+def token_gaps(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``||D x||`` per token: x (..., in), delta (out, in) -> (...)."""
+    return (x @ delta.T).norm(dim=-1)
+
+
+def running_mean_gaps(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean gap over the real tokens up to each position: gaps, valid (rows, T) -> (rows, T)."""
+    valid = valid.to(gaps.dtype)
+    return (gaps * valid).cumsum(-1) / valid.cumsum(-1).clamp(min=1)
+
+
+def margin_loss(
+    edit_gaps: torch.Tensor, unrelated_gaps: torch.Tensor, alpha: float, beta: float, gamma: float
+) -> tuple[torch.Tensor, bool]:
+    """The paper's routing loss: unrelated gaps below α, edit gaps above β, and apart by at least γ.
+
+    Also returns whether the edit's side holds (gaps above β, apart by γ): unrelated gaps rarely
+    all reach α, and waiting for them would only grow the memory.
+    """
+    zero = edit_gaps.new_zeros(())
+    low = torch.relu(unrelated_gaps - alpha).mean() if unrelated_gaps.numel() else zero
+    high = torch.relu(beta - edit_gaps).mean()
+    apart = torch.relu(
+        gamma - (edit_gaps.mean() - (unrelated_gaps.mean() if unrelated_gaps.numel() else zero))
+    )
+    return low + high + apart, bool(high.item() == 0 and apart.item() == 0)
+
+
+def ties_merge(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Ties merging (Yadav et al., 2023) of task vectors ``deltas`` (k, out, in) into one (out, in).
+
+    Trim each to its ``density`` fraction of largest magnitudes, elect a sign per entry (the sign
+    of the trimmed sum), and average only the values that agree with it.
+    """
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    keep = max(1, int(round(density * flat.shape[1])))
+    if keep < flat.shape[1]:
+        threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+        flat = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    sign = torch.sign(flat.sum(0))
+    agree = (torch.sign(flat) == sign) & (flat != 0)
+    total = (flat * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return (total / count).reshape(deltas.shape[1:])

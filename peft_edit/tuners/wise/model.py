@@ -1,0 +1,176 @@
+"""WISE as an edit adapter: train a shard of a side memory per edit, merge shards, route per token."""
+
+from __future__ import annotations
+
+import torch
+
+from ...architectures import backbone, in_out_features, weight_out_in
+from ...requests import EditRequest
+from ..site_training import (
+    UNRELATED_TEXTS,
+    build_target_rows,
+    cached_site_inputs,
+    context_templates,
+    train_added_output,
+)
+from ..wrapped import WrappedTuner
+from .algorithm import margin_loss, running_mean_gaps, shard_mask, ties_merge, token_gaps
+from .config import WiseConfig
+from .layer import RoutingContext, WiseLayer
+
+# Older edits (outside the shard being written) whose prompts the new shard must not fire on.
+MAX_OTHER_EDITS = 100
+
+
+class WiseTuner(WrappedTuner):
+    prefix = "wise_"
+    tuner_layer_cls = WiseLayer
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage=False, state_dict=None) -> None:
+        # Shared by this tuner's layers; a hook on the backbone fills it before each forward.
+        self._routing = RoutingContext()
+        self._routing_hook = None
+        super().__init__(
+            model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+        )
+        config = self.peft_config[adapter_name]
+        self._routing_hook = backbone(self.model, config.layout(self.model)).register_forward_pre_hook(
+            _routing_context_hook(self._routing), with_kwargs=True
+        )
+
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw
+    ):
+        super()._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key, **kw)
+        getattr(parent, target_name).routing = self._routing
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        if self._routing_hook is not None:
+            self._routing_hook.remove()
+            self._routing_hook = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # ------------------------------------------------------------------ edits
+    def compute_edit(self, config: WiseConfig, requests, tokenizer):
+        (request,) = requests
+        (target,) = config.target_modules
+        adapter = next(name for name, c in self.peft_config.items() if c is config)
+        layer: WiseLayer = self._layer(target)
+        edit_index = len(config.edits)
+        memory, shard, position = config.placement(edit_index)
+        held = layer.size(adapter)
+        slot = held if position == 0 else held - 1
+        start = layer.wise_delta[adapter][slot].float() if position > 0 else None
+
+        shard_requests = [r for entry in config.edits[edit_index - position :] for r in _requests(entry)]
+        other_requests = [r for entry in config.edits[: edit_index - position] for r in _requests(entry)]
+        replayed = shard_requests if config.replay else []
+        texts = list(config.unrelated_texts or UNRELATED_TEXTS)
+        unrelated = torch.cat(cached_site_inputs(self.model, config.layer, layer, tokenizer, texts))
+        # The margins are relative to how much the projection emits on ordinary text.
+        scale = (unrelated @ weight_out_in(layer.get_base_layer()).float().T).norm(dim=-1).mean().item()
+        others = [r.filled_prompt for r in other_requests[-MAX_OTHER_EDITS:]]
+        unrelated = torch.cat(
+            [unrelated, *cached_site_inputs(self.model, config.layer, layer, tokenizer, others)]
+        )
+
+        shard_id = memory * config.shards_per_memory + shard  # every shard draws its own subspace
+        delta = self._train_shard(
+            config, layer, tokenizer, request, replayed, unrelated, scale, shard_id, start
+        )
+
+        # The threshold is learned from the edits the memory holds: a fraction of their smallest gap.
+        held_requests = shard_requests + [request]
+        first_slot, deltas = slot, delta[None]
+        if shard == config.shards_per_memory - 1 and position == config.edits_per_shard - 1 and shard > 0:
+            first_slot = slot - shard  # the memory's first shard: all of them are merged into it
+            shards = torch.cat([layer.wise_delta[adapter][first_slot:slot].float(), delta[None]])
+            deltas = ties_merge(shards, config.merge_density)[None]
+            held_requests = [
+                r for e in config.edits[edit_index - config.edits_per_memory + 1 :] for r in _requests(e)
+            ]
+            held_requests.append(request)
+        threshold = self._threshold(config, layer, tokenizer, deltas[0], held_requests)
+        return {target: (first_slot, deltas, threshold[None])}
+
+    def _train_shard(self, config, layer, tokenizer, request, replayed, unrelated, scale, shard_id, start):
+        d_in, d_out = in_out_features(layer.base_layer)
+        device = unrelated.device
+        mask = shard_mask(d_out, d_in, config.mask_ratio, config.seed, shard_id, device=device)
+        base = start if start is not None else torch.zeros(d_out, d_in, device=device)
+        trainable = torch.zeros(d_out, d_in, device=device, requires_grad=True)
+        templates = context_templates(
+            self.model,
+            tokenizer,
+            config.context_template_lengths,
+            config.context_templates_per_length,
+            config.seed,
+        )
+        rows = build_target_rows(tokenizer, [request], templates, device=device, replayed=replayed)
+        valid, predicting = rows.valid_mask(), rows.predicting_mask()
+        alpha, beta, gamma = (
+            m * scale for m in (config.irrelevant_margin, config.edit_margin, config.gap_margin)
+        )
+        satisfied = {"margins": False}
+
+        def side_delta():
+            return base + mask * trainable
+
+        def routing_loss(x, added):
+            edit_gaps = running_mean_gaps(added.norm(dim=-1), valid)[predicting]
+            unrelated_gaps = token_gaps(unrelated, side_delta())
+            loss, satisfied["margins"] = margin_loss(edit_gaps, unrelated_gaps, alpha, beta, gamma)
+            # In units of the projection's output norm, like the margins, so it weighs as much as the NLL.
+            return loss / scale
+
+        with layer.bypassed():
+            train_added_output(
+                self.model,
+                config.layout(self.model),
+                config.layer,
+                layer,
+                rows,
+                [trainable],
+                added_output=lambda x: x @ side_delta().T,
+                extra_loss=routing_loss,
+                steps=config.num_steps,
+                lr=config.lr,
+                early_stop_loss=config.early_stop_loss,
+                done=lambda: satisfied["margins"],
+                optimizer="sgd",
+            )
+        return side_delta().detach()
+
+    def _threshold(self, config, layer, tokenizer, delta, requests) -> torch.Tensor:
+        keys = cached_site_inputs(
+            self.model, config.layer, layer, tokenizer, [r.filled_prompt for r in requests]
+        )
+        gaps = torch.stack([token_gaps(k, delta).mean() for k in keys])
+        return config.act_ratio * gaps.min()
+
+
+def _requests(entry):
+    return [EditRequest.from_dict(r) for r in entry["requests"]]
+
+
+def _routing_context_hook(context: RoutingContext):
+    """A forward pre-hook for the backbone: record the attention mask and whether a cache continues a text."""
+
+    def hook(_module, _args, kwargs):
+        context.attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        context.continues = _cached_tokens(cache) > 0
+        return None
+
+    return hook
+
+
+def _cached_tokens(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy tuple of (key, value) per layer
+        return int(cache[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0

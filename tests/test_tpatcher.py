@@ -1,0 +1,79 @@
+"""T-Patcher's own rules, on toy tensors and a tiny model (the shared adapter mechanics are in test_wise.py).
+
+A patch starts separating the edit's keys from the memory's; a patch adds nothing where it does
+not fire (bit-identical outputs there); patches stack one per edit and reload at their count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_model_and_tokenizer
+
+from peft_edit import EditRequest, TPatcherConfig, get_edited_model
+from peft_edit.tuners.tpatcher.algorithm import activation_loss, initial_patch, memory_loss
+from peft_edit.tuners.tpatcher.layer import TPatcherLayer
+
+REQUESTS = [
+    EditRequest(prompt="{} is located in the city of", subject=s, target_new=t)
+    for s, t in [("The Eiffel Tower", "Rome"), ("Big Ben", "Paris"), ("The Colosseum", "London")]
+]
+
+
+def edited_layer(edited):
+    """The one wrapper layer the adapter put in the model."""
+    (name,) = edited.peft_config["default"].target_modules
+    return edited.base_model._layer(name)
+
+
+def test_initial_patch_puts_the_edit_at_plus_one_and_the_memory_at_minus_one():
+    torch.manual_seed(0)
+    memory = torch.randn(200, 16)
+    edit = torch.randn(3, 16) * 0.1 + torch.full((16,), 2.0)
+    start = initial_patch(edit, memory)
+    pre = lambda keys: start.scale * keys @ start.direction + start.bias  # noqa: E731
+    assert pre(edit).min().item() == pytest.approx(1.0, abs=1e-4)
+    assert pre(memory).max().item() == pytest.approx(-1.0, abs=1e-4)
+    assert activation_loss(pre(edit)).item() == pytest.approx(0.0, abs=1e-4)
+    assert memory_loss(pre(memory)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_initial_patch_still_points_the_right_way_when_not_separable():
+    torch.manual_seed(0)
+    memory = torch.randn(200, 16)
+    edit = torch.cat([memory[:1], torch.randn(2, 16) + 3.0])  # one edit key is a memory key
+    start = initial_patch(edit, memory)
+    pre = lambda keys: start.scale * keys @ start.direction + start.bias  # noqa: E731
+    assert pre(edit).mean() > pre(memory).mean()
+    assert activation_loss(pre(edit)) > 0 or memory_loss(pre(memory)) > 0  # left to training
+
+
+@torch.no_grad()
+def test_a_patch_changes_only_the_tokens_where_it_fires():
+    layer = TPatcherLayer(torch.nn.Linear(4, 3), "default", 0)
+    key = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    layer.append("default", key, torch.tensor(-0.5), torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.2, 5.0, 5.0, 5.0]]])
+    out, base = layer(x), layer.base_layer(x)
+    torch.testing.assert_close(out[0, 0], base[0, 0] + 0.5 * torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(out[0, 1], base[0, 1])  # silent: bit for bit
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.append("default", torch.zeros(5), torch.tensor(0.0), torch.zeros(3))
+
+
+def test_one_patch_per_edit_and_the_ledger_gives_each_its_neuron(tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    config = TPatcherConfig(num_steps=5, context_templates_per_length=0)
+    edited = get_edited_model(model, config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    edited.edit(REQUESTS[1:], progress=False)
+    (name,) = edited.peft_config["default"].target_modules
+    assert [e["modules"][name] for e in edited.ledger] == [[0, 1], [1, 2], [2, 3]]
+    layer = edited_layer(edited)
+    assert layer.tp_keys["default"].shape[0] == 3
+    assert torch.isfinite(layer.tp_values["default"]).all()
+    edited.save_pretrained(tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    loaded = edited_layer(reloaded)
+    assert torch.equal(loaded.tp_keys["default"], layer.tp_keys["default"])

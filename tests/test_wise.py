@@ -1,0 +1,304 @@
+"""WISE and T-Patcher on tiny models: the mechanics every wrapped edit adapter must have, plus WISE's rules.
+
+One matrix of (method x behaviour): the edit changes the edited prompt; save and a fresh load give
+the same logits at 0, 1 and several edits; unload is bit-identical; disable_adapter gives the
+original outputs; merging is refused with a clear error and changes nothing; a failed edit()
+rolls back; KV-cached generation equals generation without a cache. Then WISE alone: the router
+(per-token running mean, continued across cached calls, padding ignored), shard placement and
+Ties merging. Tiny random models test mechanics, not knowledge (test_wise_tpatcher_smollm2.py
+does that).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
+
+from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
+from peft_edit.tuners.wise.algorithm import running_mean_gaps, ties_merge
+from peft_edit.tuners.wise.layer import RoutingContext, WiseLayer
+from peft_edit.tuners.wrapped import CannotMergeError
+
+TEMPLATE = "{} is located in the city of"
+SUBJECTS = ["The Eiffel Tower", "Big Ben", "The Colosseum", "The Space Needle"]
+TARGETS = ["Rome", "Paris", "London", "Seattle"]
+REQUESTS = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
+PROBE = "The Eiffel Tower is located in the city of"
+
+# Few steps, no sampled prefixes: the mechanics, fast.
+FAST = dict(num_steps=8, context_templates_per_length=0)
+CONFIGS = {
+    "wise": lambda **kw: WiseConfig(**{**FAST, "edits_per_shard": 1, "shards_per_memory": 2, **kw}),
+    "tpatcher": lambda **kw: TPatcherConfig(**{**FAST, **kw}),
+}
+
+
+def logits(model, tokenizer, text=PROBE):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits[0].float()
+
+
+def greedy(model, tokenizer, text=PROBE, n=3, use_cache=True):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=n, do_sample=False, pad_token_id=PAD_ID, use_cache=use_cache
+        )
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def edited_layer(edited):
+    """The one wrapper layer the adapter put in the model."""
+    (name,) = edited.peft_config["default"].target_modules
+    return edited.base_model._layer(name)
+
+
+def adapter_state(edited):
+    layer = edited_layer(edited)
+    return {name: getattr(layer, name)["default"].clone() for name in layer.adapter_layer_names}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model_and_tokenizer("llama")
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def edited_twice(request, llama):
+    """Each method with two edits on a tiny Llama (shared: tests below must not change it)."""
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    before = logits(model, tokenizer)
+    edited = get_edited_model(
+        model, CONFIGS[request.param](), REQUESTS[:1], tokenizer=tokenizer, progress=False
+    )
+    edited.edit(REQUESTS[1:2], progress=False)
+    return request.param, edited, tokenizer, before
+
+
+def test_edit_changes_the_edited_prompt_and_the_ledger_lists_it(edited_twice):
+    method, edited, tokenizer, before = edited_twice
+    assert (logits(edited, tokenizer)[-1] - before[-1]).abs().max() > 1e-3, method
+    assert edited.peft_config["default"].requests() == REQUESTS[:2]
+
+
+@pytest.mark.parametrize("held", [0, 1, 3])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_save_then_fresh_load_reproduces_logits(method, held, llama, tmp_path):
+    _, tokenizer = llama
+    edited = get_edited_model(
+        tiny_model("llama"), CONFIGS[method](), REQUESTS[:held] or None, tokenizer=tokenizer, progress=False
+    )
+    edited.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].edits == edited.peft_config["default"].edits
+    for text in (PROBE, "Big Ben is located in the city of", "The weather is"):
+        torch.testing.assert_close(logits(reloaded, tokenizer, text), logits(edited, tokenizer, text))
+    state, loaded = adapter_state(edited), adapter_state(reloaded)
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+
+
+def test_disable_adapter_gives_the_original_outputs(edited_twice):
+    _, edited, tokenizer, before = edited_twice
+    with edited.disable_adapter():
+        torch.testing.assert_close(logits(edited, tokenizer), before)
+
+
+def test_merge_is_refused_with_a_clear_error_and_changes_nothing(edited_twice):
+    method, edited, tokenizer, _ = edited_twice
+    outputs = logits(edited, tokenizer)
+    with pytest.raises(CannotMergeError, match="cannot be merged"):
+        edited.merge_and_unload()
+    with pytest.raises(CannotMergeError):
+        edited.merge_adapter()
+    torch.testing.assert_close(logits(edited, tokenizer), outputs)
+    assert edited_layer(edited) is not None, method  # still wrapped
+
+
+def test_cached_generation_equals_generation_without_cache(edited_twice):
+    _, edited, tokenizer, _ = edited_twice
+    for text in (PROBE, "Big Ben is located in the city of", "The weather is"):
+        assert greedy(edited, tokenizer, text) == greedy(edited, tokenizer, text, use_cache=False), text
+
+
+def test_batched_left_padded_rows_match_single_rows(edited_twice):
+    _, edited, tokenizer, _ = edited_twice
+    texts = [PROBE, "Big Ben is located in the city of", "The weather today is sunny"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        batched = edited(**batch).logits[:, -1].float()
+    for i, text in enumerate(texts):
+        torch.testing.assert_close(batched[i], logits(edited, tokenizer, text)[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_a_failed_edit_rolls_back_to_the_edits_held_before(method, llama, monkeypatch):
+    _, tokenizer = llama
+    edited = get_edited_model(
+        tiny_model("llama"), CONFIGS[method](), REQUESTS[:1], tokenizer=tokenizer, progress=False
+    )
+    state, ledger, outputs = adapter_state(edited), edited.ledger, logits(edited, tokenizer)
+    tuner = edited.base_model
+    compute = type(tuner).compute_edit
+    calls = []
+
+    def fail_on_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tuner), "compute_edit", fail_on_second)
+    with pytest.raises(RuntimeError, match="boom"):
+        edited.edit(REQUESTS[1:3], progress=False)
+    after = adapter_state(edited)
+    assert edited.ledger == ledger
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    torch.testing.assert_close(logits(edited, tokenizer), outputs)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_unload_gives_back_bit_identical_weights(method, llama):
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    edited = get_edited_model(model, CONFIGS[method](), REQUESTS[:2], tokenizer=tokenizer, progress=False)
+    base = edited.unload_edits()
+    after = base.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The routing hook left with the adapter: the plain model runs as before.
+    assert not any(h for m in base.modules() for h in m._forward_pre_hooks.values() if "routing" in repr(h))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_other_families_edit_save_and_load(method, family, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    edited = get_edited_model(model, CONFIGS[method](), REQUESTS[:2], tokenizer=tokenizer, progress=False)
+    edited.save_pretrained(tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(tiny_model(family), tmp_path / "a")
+    torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer))
+    assert greedy(edited, tokenizer) == greedy(edited, tokenizer, use_cache=False)
+
+
+# ----------------------------------------------------------------------------------- WISE alone
+def test_wise_shards_merge_into_one_memory_and_the_ledger_sizes_it(llama, tmp_path):
+    _, tokenizer = llama
+    config = CONFIGS["wise"](edits_per_shard=1, shards_per_memory=2)
+    edited = get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    sizes = [adapter_state(edited)["wise_delta"].shape[0]]
+    for request in REQUESTS[1:4]:
+        edited.edit([request], progress=False)
+        sizes.append(adapter_state(edited)["wise_delta"].shape[0])
+    # shard, merged memory, memory + shard, two merged memories
+    assert sizes == [1, 1, 2, 2]
+    assert [e["modules"] for e in edited.ledger][-1] == {
+        edited.peft_config["default"].target_modules[0]: [1, 2]
+    }
+    edited.save_pretrained(tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    assert adapter_state(reloaded)["wise_delta"].shape[0] == 2
+    torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer))
+
+
+def test_wise_thresholds_are_positive_and_the_edit_routes_to_its_memory(llama):
+    _, tokenizer = llama
+    edited = get_edited_model(
+        tiny_model("llama"), CONFIGS["wise"](), REQUESTS[:1], tokenizer=tokenizer, progress=False
+    )
+    layer = edited_layer(edited)
+    assert (layer.wise_threshold["default"] > 0).all()
+    with torch.no_grad():
+        x = torch.randn(1, 5, layer.wise_delta["default"].shape[2])
+        base = layer.base_layer(x)
+        layer.wise_threshold["default"].data.fill_(float("inf"))  # nothing can pass: the output is the base's
+        torch.testing.assert_close(layer(x), base, atol=0, rtol=0)
+        layer.wise_threshold["default"].data.fill_(1e-9)  # everything passes: base + D x
+        expected = base + x @ layer.wise_delta["default"][0].T
+        torch.testing.assert_close(layer(x), expected)
+
+
+def _toy_wise_layer(threshold: float) -> WiseLayer:
+    torch.manual_seed(0)
+    layer = WiseLayer(torch.nn.Linear(4, 3), "default", 1)
+    layer.wise_delta["default"].data = torch.randn(1, 3, 4)
+    layer.wise_threshold["default"].data.fill_(threshold)
+    layer.routing = RoutingContext()
+    return layer
+
+
+def test_running_mean_gaps_skip_padding():
+    gaps = torch.tensor([[9.0, 1.0, 3.0, 5.0]])
+    valid = torch.tensor([[False, True, True, True]])
+    torch.testing.assert_close(running_mean_gaps(gaps, valid), torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+
+
+@torch.no_grad()
+def test_router_uses_the_running_mean_and_carries_it_across_cached_calls():
+    # Tokens with growing activations: the running mean gap grows, and crosses the threshold mid-text.
+    x = torch.randn(1, 6, 4) * torch.arange(1.0, 7.0)[None, :, None] ** 2
+    layer = _toy_wise_layer(threshold=1.0)
+    delta = layer.wise_delta["default"][0]
+    token_gaps = (x @ delta.T).norm(dim=-1)[0]
+    running = token_gaps.cumsum(0) / torch.arange(1, 7)
+    threshold = float(running.median())
+    layer.wise_threshold["default"].data.fill_(threshold)
+    whole = layer(x)
+    # The same text in two calls, the second continuing the first (as with a KV cache).
+    layer.routing.continues = False
+    first = layer(x[:, :4])
+    layer.routing.continues = True
+    second = layer(x[:, 4:])
+    torch.testing.assert_close(torch.cat([first, second], 1), whole)
+    routed = ~torch.isclose(whole, layer.base_layer(x)).all(-1)[0]
+    expected = running > threshold
+    assert routed.tolist() == expected.tolist()
+    assert 0 < sum(expected.tolist()) < 6  # some tokens routed, some not
+
+
+@torch.no_grad()
+def test_router_ignores_padding():
+    layer = _toy_wise_layer(threshold=1.0)
+    x = torch.randn(1, 4, 4)
+    padded = torch.cat([torch.randn(1, 2, 4) * 100, x], 1)  # left padding with huge activations
+    with torch.no_grad():
+        layer.routing.attention_mask = None
+        plain = layer(x)
+        layer.routing.attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+        with_padding = layer(padded)
+    torch.testing.assert_close(with_padding[:, 2:], plain)
+
+
+def test_ties_merge_keeps_agreeing_entries_and_averages_overlaps():
+    a = torch.tensor([[1.0, 0.0, -2.0, 0.5]])
+    b = torch.tensor([[0.0, 3.0, 2.0, 0.5]])
+    merged = ties_merge(torch.stack([a, b]), density=1.0)
+    # disjoint entries kept whole; a sign conflict (-2 vs 2) elects the sum's sign (0 -> dropped); overlap averaged
+    torch.testing.assert_close(merged, torch.tensor([[1.0, 3.0, 0.0, 0.5]]))
+    trimmed = ties_merge(torch.stack([a, b]), density=0.5)
+    torch.testing.assert_close(trimmed, torch.tensor([[1.0, 3.0, 0.0, 0.0]]))
+
+
+def test_config_checks_fail_before_the_model_is_touched(llama):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        WiseConfig(mask_ratio=0)
+    with pytest.raises(ValueError, match="edit_margin"):
+        WiseConfig(edit_margin=0.1, irrelevant_margin=0.2)
+    with pytest.raises(ValueError, match="num_steps"):
+        TPatcherConfig(num_steps=0)
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="only 4 blocks"):
+        get_edited_model(model, WiseConfig(layer=9), REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    assert not any("wise" in type(m).__name__.lower() for m in model.modules())
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_default_layers_come_from_depth(method, llama):
+    _, tokenizer = llama
+    edited = get_edited_model(tiny_model("llama"), CONFIGS[method](), tokenizer=tokenizer, progress=False)
+    expected = {"wise": 3, "tpatcher": 3}[method]  # 4 blocks: int(4 * 27/32) = 3; T-Patcher: the last
+    assert edited.peft_config["default"].target_modules == [f"model.layers.{expected}.mlp.down_proj"]

