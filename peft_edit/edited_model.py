@@ -6,6 +6,7 @@ import copy
 import os
 
 from peft import PeftConfig, PeftModel, PeftModelForCausalLM
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .atomic import atomic_directory
@@ -47,6 +48,11 @@ def get_edited_model(
         if tokenizer is None:
             raise ValueError("Editing needs the model's tokenizer: pass tokenizer=....")
         check_requests_tokenize(tokenizer, requests)
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "This model already holds adapter layers. To add edits to an edited model call its .edit(requests); "
+            "to start again from the original model use unload_edits() first."
+        )
     config = copy.deepcopy(config)  # the caller's config object stays reusable
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None

@@ -209,3 +209,11 @@ def test_cli_info_lists_the_edits(saved_adapter, capsys):
     assert "method:         rome" in out
     assert "The Eiffel Tower is located in the city of -> 'Rome'" in out
     assert main(["info", str(folder.parent / "missing")]) == 2
+
+
+def test_editing_a_model_that_already_holds_edits_asks_for_edit_or_unload():
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    edited = get_edited_model(model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer, progress=False)
+    with pytest.raises(ValueError, match=r"\.edit\(requests\)"):
+        get_edited_model(edited.base_model.model, RomeConfig(**FAST), requests=[REQUEST], tokenizer=tokenizer)
+    assert len(edited.ledger) == 1

@@ -45,8 +45,14 @@ class MemitConfig(LocateThenEditConfig):
     clamp_norm_factor: float = field(
         default=0.75, metadata={"help": "||δ|| is kept below this times ||v|| (MEMIT's value)."}
     )
+    context_template_lengths: list[int] = field(
+        default_factory=lambda: [10], metadata={"help": "Token lengths of the sampled prefixes (MEMIT's: one)."}
+    )
+    context_templates_per_length: int = field(
+        default=5, metadata={"help": "Sampled prefixes per length (plus the bare prompt): MEMIT's 5."}
+    )
     v_batch_size: int = field(
-        default=16,
+        default=8,
         metadata={
             "help": "Requests whose δ are optimised together (bounds memory; results do not depend on it)."
         },

@@ -45,10 +45,12 @@ class WiseTuner(WrappedTuner):
         getattr(parent, target_name).routing = self._routing
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        # The hook goes only once the layers are gone: a refused merge_and_unload must leave routing working.
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
         if self._routing_hook is not None:
             self._routing_hook.remove()
             self._routing_hook = None
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        return model
 
     # ------------------------------------------------------------------ edits
     def compute_edit(self, config: WiseConfig, requests, tokenizer):
