@@ -20,10 +20,11 @@ class AlphaEditConfig(MemitConfig):
         },
     )
     regularization: float = field(
-        default=0.5,
+        default=0.05,
         metadata={
             "help": "Ridge term of the solve, in units of the preserved keys' mean squared norm "
-            "(AlphaEdit's L2); larger: smaller updates."
+            "(AlphaEdit's L2); larger: smaller updates. On 10 CounterFact edits of SmolLM2, 0.5 reached "
+            "efficacy 0.8, 0.05 and 0.005 0.9, with the same locality."
         },
     )
     stats_corpus: str = field(
