@@ -23,7 +23,7 @@ from peft_edit import RomeConfig, get_edited_model
 from peft_edit.data import load_counterfact
 from peft_edit.demo import load_smollm2
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
-from peft_edit.tuners.locate.per_model import context_templates, second_moments
+from peft_edit.tuners.per_model import context_templates, second_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from ..architectures import Layout
-from ..context_templates import sample_context_templates
 from ..edit_site import AlignedBatch, EditSiteRunner
 from ..requests import EditRequest, fill, pad_token_id, tokenize_continuation
 
@@ -176,23 +175,6 @@ def cached_site_inputs(model: nn.Module, layer: int, site: nn.Module, tokenizer,
         for text, keys in zip(missing, site_inputs(model, site, tokenizer, missing)):
             cache[(layer, text)] = keys
     return [cache[(layer, t)] for t in texts]
-
-
-# Per base model: sampled prefixes are drawn once and reused by every edit.
-_CONTEXT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def context_templates(model: nn.Module, tokenizer, lengths: Sequence[int], per_length: int, seed: int):
-    """``["{}", "<sampled text>. {}", ...]``, sampled once per model and settings."""
-    cache = _CONTEXT_TEMPLATES.setdefault(model, {})
-    key = (tuple(lengths), per_length, seed)
-    if key not in cache:
-        cache[key] = (
-            sample_context_templates(model, tokenizer, lengths, per_length, seed)
-            if per_length > 0
-            else ["{}"]
-        )
-    return cache[key]
 
 
 # ------------------------------------------------------------------------------------ training

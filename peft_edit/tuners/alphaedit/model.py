@@ -12,9 +12,9 @@ import weakref
 
 import torch
 
-from ..locate.per_model import context_templates
 from ..memit.algorithm import request_keys
 from ..memit.model import MemitTuner
+from ..per_model import context_templates
 from .algorithm import nullspace_projector, projected_factors
 from .config import AlphaEditConfig
 

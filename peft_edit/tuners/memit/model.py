@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 from ...architectures import mlp_out_name
 from ..delta.model import DeltaTuner
-from ..locate.per_model import context_templates, second_moments
+from ..per_model import context_templates, second_moments
 from .algorithm import (
     RequestRows,
     compute_deltas,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..delta.model import DeltaTuner
-from ..locate.per_model import context_templates, second_moments
+from ..per_model import context_templates, second_moments
 from .algorithm import compute_key_and_delta, rank_one_factors
 from .config import RomeConfig
 

@@ -6,11 +6,11 @@ import torch
 
 from ...architectures import in_out_features
 from ...requests import EditRequest
+from ..per_model import context_templates
 from ..site_training import (
     UNRELATED_TEXTS,
     build_target_rows,
     cached_site_inputs,
-    context_templates,
     train_added_output,
 )
 from ..wrapped import WrappedTuner
@@ -32,13 +32,7 @@ class TPatcherTuner(WrappedTuner):
         layer: TPatcherLayer = self._layer(target)
         device = next(self.model.parameters()).device
 
-        templates = context_templates(
-            self.model,
-            tokenizer,
-            config.context_template_lengths,
-            config.context_templates_per_length,
-            config.seed,
-        )
+        templates = context_templates(self.model, tokenizer, config)
         rows = build_target_rows(tokenizer, [request], templates, device=device)
         predicting = rows.predicting_mask()
         earlier = [EditRequest.from_dict(r) for e in config.edits for r in e["requests"]][-MAX_OTHER_EDITS:]

@@ -6,11 +6,11 @@ import torch
 
 from ...architectures import backbone, in_out_features, weight_out_in
 from ...requests import EditRequest
+from ..per_model import context_templates
 from ..site_training import (
     UNRELATED_TEXTS,
     build_target_rows,
     cached_site_inputs,
-    context_templates,
     train_added_output,
 )
 from ..wrapped import WrappedTuner
@@ -101,13 +101,7 @@ class WiseTuner(WrappedTuner):
         mask = shard_mask(d_out, d_in, config.mask_ratio, config.seed, shard_id, device=device)
         base = start if start is not None else torch.zeros(d_out, d_in, device=device)
         trainable = torch.zeros(d_out, d_in, device=device, requires_grad=True)
-        templates = context_templates(
-            self.model,
-            tokenizer,
-            config.context_template_lengths,
-            config.context_templates_per_length,
-            config.seed,
-        )
+        templates = context_templates(self.model, tokenizer, config)
         rows = build_target_rows(tokenizer, [request], templates, device=device, replayed=replayed)
         valid, predicting = rows.valid_mask(), rows.predicting_mask()
         alpha, beta, gamma = (

@@ -1,4 +1,4 @@
-"""What a locate-then-edit method computes once per base model: sampled prefixes and key statistics.
+"""What edit methods compute once per base model: sampled prefixes and key statistics.
 
 Both are kept while the model object lives (edited models made one after another from the same
 base, as in evaluation's edit-score-restore loop, sample prefixes and load statistics once), and
@@ -15,7 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...context_templates import sample_context_templates
+from ..context_templates import sample_context_templates
 
 _CONTEXT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SECOND_MOMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -26,14 +26,17 @@ def context_templates(model: nn.Module, tokenizer, config) -> list[str]:
     cache = _CONTEXT_TEMPLATES.setdefault(model, {})
     key = (tuple(config.context_template_lengths), config.context_templates_per_length, config.seed)
     if key not in cache:
-        with adapters_disabled(model):
-            cache[key] = sample_context_templates(
-                model,
-                tokenizer,
-                config.context_template_lengths,
-                config.context_templates_per_length,
-                config.seed,
-            )
+        if config.context_templates_per_length < 1:
+            cache[key] = ["{}"]
+        else:
+            with adapters_disabled(model):
+                cache[key] = sample_context_templates(
+                    model,
+                    tokenizer,
+                    config.context_template_lengths,
+                    config.context_templates_per_length,
+                    config.seed,
+                )
     return cache[key]
 
 
@@ -49,7 +52,7 @@ def second_moments(model: nn.Module, tokenizer, config, layers: list[int]) -> di
     key = (config.stats_corpus, config.stats_samples)
     missing = [layer for layer in layers if (key, layer) not in cache]
     if missing:
-        from ...stats import key_second_moments
+        from ..stats import key_second_moments
 
         with adapters_disabled(model):
             computed = key_second_moments(
