@@ -21,17 +21,16 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA, RESULTS, add_device_argument, device_description
 
 import peft_edit  # noqa: F401  (registers the methods)
+from peft_edit.cli import load_model, parse_overrides
 from peft_edit.data import load_cases
-from peft_edit.demo import load_smollm2
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.registration import edit_method_config
 from peft_edit.stats import key_second_moments
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = str(DATA / "wikitext_wiki.valid.raw")
-RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = [
     "efficacy_prob",
     "paraphrase_prob",
@@ -60,11 +59,15 @@ def cases_for(n: int):
 def time_statistics(model, tokenizer, layers: list[int], samples: int) -> dict:
     """Seconds for all ``layers`` in one pass against one pass per layer (no cache either way)."""
     started = time.perf_counter()
-    key_second_moments(model, tokenizer, layers, WIKITEXT, sample_count=samples, use_cache=False, progress=False)
+    key_second_moments(
+        model, tokenizer, layers, WIKITEXT, sample_count=samples, use_cache=False, progress=False
+    )
     one_pass = time.perf_counter() - started
     started = time.perf_counter()
     for layer in layers:
-        key_second_moments(model, tokenizer, [layer], WIKITEXT, sample_count=samples, use_cache=False, progress=False)
+        key_second_moments(
+            model, tokenizer, [layer], WIKITEXT, sample_count=samples, use_cache=False, progress=False
+        )
     per_layer = time.perf_counter() - started
     return {
         "layers": layers,
@@ -75,9 +78,16 @@ def time_statistics(model, tokenizer, layers: list[int], samples: int) -> dict:
     }
 
 
-def run(model, tokenizer, method: str, cases, protocol: str, edit_batch_size: int | None, reference):
-    config = edit_method_config(method, stats_corpus=WIKITEXT)
-    kwargs = {"edit_batch_size": edit_batch_size, "eval_every": edit_batch_size} if protocol == "sequential" else {}
+def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, overrides: dict):
+    config = edit_method_config(method, **{"stats_corpus": WIKITEXT, **overrides})
+    kwargs = (
+        {"edit_batch_size": edit_batch_size, "eval_every": edit_batch_size}
+        if protocol == "sequential"
+        else {}
+    )
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(model.device)
     result = evaluate(
         model, tokenizer, cases, config, protocol, generation_tokens=0, reference=reference, **kwargs
     )
@@ -87,6 +97,7 @@ def run(model, tokenizer, method: str, cases, protocol: str, edit_batch_size: in
         "edits": len(cases),
         "edit_batch_size": edit_batch_size or len(cases),
         **{k: result.summary.get(k) for k in KEYS},
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(model.device) / 2**20 if on_gpu else None,
         "unedited": {k: result.baseline.get(k) for k in KEYS if k in result.baseline},
     }
     if result.curve:
@@ -103,7 +114,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, key in zip(axes, ["efficacy_prob", "paraphrase_prob", "neighborhood_prob"]):
         for method in sorted({r["method"] for r in rows}):
-            batch = sorted((r["edits"], r[key]) for r in rows if r["method"] == method and r["protocol"] == "batch")
+            batch = sorted(
+                (r["edits"], r[key]) for r in rows if r["method"] == method and r["protocol"] == "batch"
+            )
             if batch:
                 ax.plot(*zip(*batch), marker="o", label=f"{method} (one batch)")
             for r in rows:
@@ -122,39 +135,77 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"])
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
     parser.add_argument("--sequential", nargs="*", default=["10x10"], help="BATCHESxSIZE runs (AlphaEdit)")
     parser.add_argument("--stats-only", action="store_true")
+    parser.add_argument("--no-stats", action="store_true", help="skip timing the covariance statistics")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE", help="config override"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "batch.json")
+    add_device_argument(parser)
     args = parser.parse_args()
+    overrides = parse_overrides(
+        args.set, sorted({*args.methods, "alphaedit"})
+    )  # sequential runs use AlphaEdit
 
     torch.manual_seed(0)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_model("smollm2", device=args.device)
     memit = edit_method_config("memit")
     memit.choose_target_modules(model)  # the default layers for this model
     layers = list(memit.layers)
     output = json.loads(args.output.read_text()) if args.output.is_file() else {"runs": []}
-    output["statistics"] = time_statistics(model, tokenizer, layers, 20_000)
-    print(json.dumps(output["statistics"]))
+    output["device"] = device_description(model.device)
+    if not args.no_stats:
+        output["statistics"] = time_statistics(model, tokenizer, layers, 20_000)
+        print(json.dumps(output["statistics"]))
     if not args.stats_only:
-        largest = max([*args.batch_sizes, *(int(b) * int(s) for b, s in (x.split("x") for x in args.sequential))])
+        largest = max(
+            [*args.batch_sizes, *(int(b) * int(s) for b, s in (x.split("x") for x in args.sequential))]
+        )
         cases = cases_for(largest)
         reference = pre_edit_reference(model, tokenizer, cases, ScoreSettings(generation_tokens=0), [])
         runs = []
         for method in args.methods:
             for n in args.batch_sizes:
-                runs.append(run(model, tokenizer, method, cases[:n], "batch", None, reference.subset(n)))
+                runs.append(
+                    run(
+                        model,
+                        tokenizer,
+                        method,
+                        cases[:n],
+                        "batch",
+                        None,
+                        reference.subset(n),
+                        overrides[method],
+                    )
+                )
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
         for spec in args.sequential:
             batches, size = (int(x) for x in spec.split("x"))
             n = batches * size
-            runs.append(run(model, tokenizer, "alphaedit", cases[:n], "sequential", size, reference.subset(n)))
+            runs.append(
+                run(
+                    model,
+                    tokenizer,
+                    "alphaedit",
+                    cases[:n],
+                    "sequential",
+                    size,
+                    reference.subset(n),
+                    overrides["alphaedit"],
+                )
+            )
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
         done = {(r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) for r in runs}
         output["runs"] = runs + [
-            r for r in output["runs"] if (r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) not in done
+            r
+            for r in output["runs"]
+            if (r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) not in done
         ]
         plot(output["runs"], args.output.with_suffix(".png"))
     args.output.parent.mkdir(parents=True, exist_ok=True)

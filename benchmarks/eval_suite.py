@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import DATA, RESULTS, add_device_argument, device_description
 
 import peft_edit  # noqa: F401  (registers the methods)
 from peft_edit.cli import load_model, parse_overrides
@@ -26,7 +27,6 @@ from peft_edit.evaluation.piqa import sample_questions
 from peft_edit.evaluation.report import format_table, write_json
 from peft_edit.registration import EDIT_METHODS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {
     # ROME's schema: rephrases, ten neighbours, generation prompts (fluency, consistency).
     "counterfact": f"counterfact:{DATA / 'counterfact_rome_sample500.json'}",
@@ -34,7 +34,6 @@ SETS = {
     "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}",
 }
 PIQA = DATA / "piqa_valid_with_labels.json"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -54,6 +53,7 @@ def main() -> None:
     )
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args()
 
     methods = sorted(EDIT_METHODS) if args.methods == ["all"] else args.methods
@@ -63,7 +63,7 @@ def main() -> None:
     overrides = parse_overrides(args.set, methods)
 
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = load_model("smollm2", device=args.device)
     settings = ScoreSettings(generation_tokens=args.generation_tokens)
     questions = sample_questions(load_piqa(PIQA), args.piqa_sample) if args.piqa_sample else []
     for name in args.data:
@@ -85,7 +85,11 @@ def main() -> None:
                 )  # fmt: skip
                 for method in methods
             ]
-            meta = {"model": "SmolLM2-135M-Instruct", "data": SETS[name], "threads": torch.get_num_threads()}
+            meta = {
+                "model": "SmolLM2-135M-Instruct",
+                "data": SETS[name],
+                "device": device_description(model.device),
+            }
             path = write_json(args.output_dir / f"eval_{name}_{protocol}.json", results, meta)
             print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")
             print(format_table(results))

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import DATA, RESULTS, add_device_argument, device_description
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -40,14 +41,12 @@ from peft_edit.evaluation.report import format_table, plot_results, write_json
 from peft_edit.registration import EDIT_METHODS
 from peft_edit.tuners.tuner import EditTuner
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {
     # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
     "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}",
     # WISE's hallucination set: a Wikipedia passage -> a corrected sentence, unrelated web text.
     "hallucination": f"hallucination:{DATA / 'wise_hallucination_edit.json'}",
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 CURVE_COLUMNS = ["reliability_tf", "generalization_tf", "locality_tf", "reliability_gen", "generalization_gen",
                  "locality_gen"]  # fmt: skip
 
@@ -109,6 +108,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args()
 
     unknown = [m for m in args.methods if m not in EDIT_METHODS]
@@ -120,7 +120,7 @@ def main() -> None:
     limit = 1000 if args.full else args.limit
 
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = load_model("smollm2", device=args.device)
     # Answers and corrections are short (zsRE) or one sentence (hallucination): no free generation.
     settings = ScoreSettings(generation_tokens=0)
     for name in args.data:
@@ -147,7 +147,7 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct",
             "data": SETS[name],
             "cases": len(cases),
-            "threads": torch.get_num_threads(),
+            "device": device_description(model.device),
             "load_average_at_end": os.getloadavg(),
             "cpu_count": os.cpu_count(),
         }

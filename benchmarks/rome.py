@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA, RESULTS
 
 from peft_edit import RomeConfig, get_edited_model
 from peft_edit.data import load_counterfact
@@ -25,13 +26,11 @@ from peft_edit.demo import load_smollm2
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.tuners.per_model import context_templates, second_moments
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {
     "counterfact-easyedit": DATA / "counterfact_easyedit_edit_first2000.json",
     "counterfact-rome": DATA / "counterfact_rome_sample500.json",
 }
 COVARIANCE = {"identity": "identity", "sampled": None, "wikitext": str(DATA / "wikitext_wiki.valid.raw")}
-RESULTS = Path(__file__).resolve().parent / "results"
 # The numbers in the table; fluency is left to benchmarks/eval_suite.py (this file's EasyEdit
 # records have no generation prompts).
 COLUMNS = [

@@ -64,8 +64,9 @@ def second_moments(model: nn.Module, tokenizer, config, layers: list[int]) -> di
                 cache_dir=config.stats_cache_dir,
                 layout=config.layout(model),
             )
+        device = next(model.parameters()).device  # statistics load on the CPU; edits solve beside the weights
         for layer in missing:
-            cache[(key, layer)] = computed[layer].double()
+            cache[(key, layer)] = computed[layer].double().to(device)
     return {layer: cache[(key, layer)] for layer in layers}
 
 

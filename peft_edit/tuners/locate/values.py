@@ -131,28 +131,30 @@ def optimise_deltas(
     v_init = problem.rewrite_mean(runner.site_output)
     v_norm = v_init.norm(dim=1) if scale is None else scale.to(v_init)
     max_norm = hp.clamp_norm_factor * v_norm
-    row_scale = (reach if reach is not None else torch.ones(len(problem.request_of_row)))[:, None]
+    row_scale = (
+        reach if reach is not None else torch.ones(len(problem.request_of_row), device=v_init.device)
+    )[:, None]
     row_scale = row_scale.to(v_init)
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_reference = None
-    best_loss = torch.full((n,), float("inf"))
+    best_loss = torch.full((n,), float("inf"), device=v_init.device)
     best_delta = delta.detach().clone()
-    best_nll = torch.full((n,), float("inf"))
-    done = torch.zeros(n, dtype=torch.bool)
+    best_nll = torch.full((n,), float("inf"), device=v_init.device)
+    done = torch.zeros(n, dtype=torch.bool, device=v_init.device)
     step = 0
     for step in range(1, hp.v_num_steps + 1):
         optimizer.zero_grad()
         hidden = runner.final_hidden(row_scale * delta[problem.request_of_row])
         logp = runner.log_probs(hidden, problem.read_rows, problem.read_cols)
         token_nll = -logp[: problem.n_nll].gather(1, problem.nll_tokens[:, None]).squeeze(1)
-        nll = torch.zeros(n).index_add(0, problem.nll_owner, token_nll * problem.nll_weights)
+        nll = token_nll.new_zeros(n).index_add(0, problem.nll_owner, token_nll * problem.nll_weights)
         kl_logp = logp[problem.n_nll :]
         if kl_reference is None:
             kl_reference = kl_logp.detach()  # δ = 0 on the first step: the unedited predictions
         row_kl = (kl_reference.exp() * (kl_reference - kl_logp)).sum(-1)
-        kl = torch.zeros(n).index_add(0, problem.kl_owner, row_kl) * problem.kl_weight
+        kl = row_kl.new_zeros(n).index_add(0, problem.kl_owner, row_kl) * problem.kl_weight
         decay = hp.v_weight_decay * delta.norm(dim=1) ** 2 / v_norm**2
         loss = nll + hp.kl_factor * kl + decay
 
