@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import Layout, get_layout, in_out_features, mlp_out_name, num_layers
+from .capture import capture
 
 IDENTITY = "identity"
 """``corpus=IDENTITY`` returns identity matrices: covariance off."""
@@ -60,10 +61,6 @@ FORMAT_VERSION = "1"
 _EMBED_ROWS = 64  # embedding rows hashed: the first ones, and as many spread over the vocabulary
 _PROBE_TEXT = "The Eiffel Tower is located in Paris.\n  1,234 café — x"
 _TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md", ".tokens")
-
-
-class _StopForward(Exception):
-    """Raised by the deepest hook so blocks above it are not computed."""
 
 
 @dataclass
@@ -195,14 +192,13 @@ class _Run:
         }
         self.tokens = self.documents = 0
         self.captured: dict[int, torch.Tensor] = {}
-        self.mask: torch.Tensor | None = None
 
     def compute(self, partial: Path | None, checkpoint_every: int, progress: bool):
         """Run the pass, resuming from and saving checkpoints at `partial`; (means, metadata)."""
         self.partial = partial
         if partial is not None:
             self._resume()
-        with _inference_mode(self.model), self._hooks(), self._progress_bar(progress) as bar:
+        with _inference_mode(self.model), self._progress_bar(progress) as bar:
             unsaved = 0
             try:
                 batches = self.source.batches(self.documents) if self.tokens < self.sample_count else ()
@@ -235,52 +231,23 @@ class _Run:
         return take
 
     def _forward(self, batch: _Batch) -> None:
-        """Run the model on a batch with the hooks armed; they fill `self.captured`."""
+        """Run the model on a batch up to the deepest projection; fills `self.captured`."""
         device = self.model.get_input_embeddings().weight.device
-        self.mask = batch.mask.to(device)
-        self.captured = {}
-        try:
-            self.model(
+        mask = batch.mask.to(device)
+
+        def real_tokens(keys: torch.Tensor) -> torch.Tensor:
+            # (batch, tokens, in) — OPT's MLP sees them flattened to (batch * tokens, in).
+            return keys.reshape(*mask.shape, keys.shape[-1])[mask]  # (real tokens, in), row-major
+
+        self.captured, _ = capture(
+            lambda: self.model(
                 input_ids=batch.input_ids.to(device),
                 attention_mask=batch.mask.long().to(device),
                 use_cache=False,
-            )
-        except _StopForward:
-            pass
-        finally:
-            self.mask = None
-        if set(self.captured) != set(self.projections):
-            missing = sorted(set(self.projections) - set(self.captured))
-            raise RuntimeError(
-                f"The forward pass never reached the MLP output projection of layers {missing}."
-            )
-
-    @contextmanager
-    def _hooks(self):
-        """Pre-hooks on every projection; the deepest one stops the forward. Removed in any case."""
-        deepest = max(self.projections)
-        handles = [
-            p.register_forward_pre_hook(self._hook(layer, layer == deepest))
-            for layer, p in self.projections.items()
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _hook(self, layer: int, stop: bool):
-        def hook(module, args):
-            if self.mask is None:  # not our forward (e.g. generation of the sampled corpus)
-                return None
-            # (batch, tokens, in) — OPT's MLP sees them flattened to (batch * tokens, in).
-            keys = args[0].reshape(*self.mask.shape, args[0].shape[-1])
-            self.captured[layer] = keys[self.mask]  # (real tokens, in_features), row-major order
-            if stop:
-                raise _StopForward
-            return None
-
-        return hook
+            ),
+            inputs=self.projections,
+            transform=real_tokens,
+        )
 
     def _progress_bar(self, progress: bool):
         layers = ",".join(map(str, self.projections))

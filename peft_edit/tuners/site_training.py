@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..architectures import Layout
+from ..capture import capture
 from ..edit_site import AlignedBatch, EditSiteRunner
 from ..requests import EditRequest, fill, pad_token_id, tokenize_continuation
 
@@ -123,40 +124,24 @@ def build_target_rows(
 
 
 # ---------------------------------------------------------------------------------------- keys
-class _StopForward(Exception):
-    """Raised once the site's input is captured, so the blocks above it are not computed."""
-
-
-@torch.no_grad()
 def site_inputs(model: nn.Module, site: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16):
     """The site's input at every real token of each text: a list of (tokens, in) float tensors."""
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     out: list[torch.Tensor] = []
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, args):
-        captured.append(args[0])
-        raise _StopForward
-
-    handle = site.register_forward_pre_hook(hook)
-    try:
-        for start in range(0, len(texts), batch_size):
-            encoded = [tokenizer(t)["input_ids"] for t in texts[start : start + batch_size]]
-            width = max(len(e) for e in encoded)
-            input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
-            captured.clear()
-            try:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            if not captured:
-                raise RuntimeError("The forward pass never reached the edited module.")
-            x = captured[0].reshape(len(encoded), width, -1).float()
-            out.extend(x[r, : len(e)] for r, e in enumerate(encoded))
-    finally:
-        handle.remove()
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t)["input_ids"] for t in texts[start : start + batch_size]]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
+        seen, _ = capture(
+            lambda input_ids=input_ids, mask=mask: model(
+                input_ids=input_ids, attention_mask=mask, use_cache=False
+            ),
+            inputs={"site": site},
+        )
+        x = seen["site"].reshape(len(encoded), width, -1).float()
+        out.extend(x[r, : len(e)] for r, e in enumerate(encoded))
     return out
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...architectures import Layout, backbone, get_blocks, mlp_out_name
+from ...capture import capture
 from ...edit_site import AlignedBatch, EditSiteRunner
 from ...requests import EditRequest, pad_token_id
 from ..locate.values import ValueProblem, build_rows, optimise_deltas
@@ -58,10 +59,6 @@ def compute_deltas(
     return torch.cat(deltas)
 
 
-class _StopForward(Exception):
-    pass
-
-
 @torch.no_grad()
 def keys_and_outputs(
     model: nn.Module,
@@ -83,37 +80,20 @@ def keys_and_outputs(
             rows[start : start + row_batch], sites[start : start + row_batch], pad_id, device
         )
         n_rows, split = batch.input_ids.shape[0], batch.split
-        seen = {}
-
-        def at_site(tensor, _rows=n_rows, _split=split):
-            return tensor.view(_rows, -1, tensor.shape[-1])[:, _split].float()
-
-        def keep_key(_module, args, _seen=seen):
-            _seen["key"] = at_site(args[0])
-
-        def keep_output(_module, _args, output, _seen=seen):
-            _seen["output"] = at_site(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        handles = [
-            projection.register_forward_pre_hook(keep_key),
-            blocks[output_layer].register_forward_hook(keep_output),
-        ]
-        try:
+        key, output = capture(
             # Only the columns up to the site matter: later tokens cannot reach it.
-            body(
+            lambda batch=batch, split=split: body(
                 input_ids=batch.input_ids[:, : split + 1],
                 attention_mask=batch.attention_mask[:, : split + 1],
                 position_ids=batch.position_ids[:, : split + 1],
                 use_cache=False,
-            )
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        keys.append(seen["key"])
-        outputs.append(seen["output"])
+            ),
+            inputs={"key": projection},
+            outputs={"output": blocks[output_layer]},
+            transform=lambda t, n_rows=n_rows, split=split: t.view(n_rows, -1, t.shape[-1])[:, split].float(),
+        )
+        keys.append(key["key"])
+        outputs.append(output["output"])
     return torch.cat(keys), torch.cat(outputs)
 
 
