@@ -149,9 +149,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "batch.json")
     add_device_argument(parser)
     args = parser.parse_args()
-    overrides = parse_overrides(
-        args.set, sorted({*args.methods, "alphaedit"})
-    )  # sequential runs use AlphaEdit
+    # The sequential runs are AlphaEdit's.
+    overrides = parse_overrides(args.set, sorted({*args.methods, "alphaedit"}))
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2", device=args.device)
@@ -163,54 +162,34 @@ def main() -> None:
     if not args.no_stats:
         output["statistics"] = time_statistics(model, tokenizer, layers, 20_000)
         print(json.dumps(output["statistics"]))
-    if not args.stats_only:
-        largest = max(
-            [*args.batch_sizes, *(int(b) * int(s) for b, s in (x.split("x") for x in args.sequential))]
-        )
-        cases = cases_for(largest)
-        reference = pre_edit_reference(model, tokenizer, cases, ScoreSettings(generation_tokens=0), [])
-        runs = []
-        for method in args.methods:
-            for n in args.batch_sizes:
-                runs.append(
-                    run(
-                        model,
-                        tokenizer,
-                        method,
-                        cases[:n],
-                        "batch",
-                        None,
-                        reference.subset(n),
-                        overrides[method],
-                    )
-                )
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
-        for spec in args.sequential:
-            batches, size = (int(x) for x in spec.split("x"))
-            n = batches * size
-            runs.append(
-                run(
-                    model,
-                    tokenizer,
-                    "alphaedit",
-                    cases[:n],
-                    "sequential",
-                    size,
-                    reference.subset(n),
-                    overrides["alphaedit"],
-                )
-            )
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
-        done = {(r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) for r in runs}
-        output["runs"] = runs + [
-            r
-            for r in output["runs"]
-            if (r["method"], r["protocol"], r["edits"], r["edit_batch_size"]) not in done
-        ]
+    save(output, args.output)
+    if args.stats_only:
+        return
+    plan = [(method, "batch", n, None) for method in args.methods for n in args.batch_sizes]
+    for spec in args.sequential:
+        batches, size = (int(x) for x in spec.split("x"))
+        plan.append(("alphaedit", "sequential", batches * size, size))
+    cases = cases_for(max(n for _, _, n, _ in plan))
+    started = time.perf_counter()
+    reference = pre_edit_reference(model, tokenizer, cases, ScoreSettings(generation_tokens=0), [])
+    print(f"unedited model scored on {len(cases)} cases in {time.perf_counter() - started:.1f} s")
+    for method, protocol, n, size in plan:
+        row = run(model, tokenizer, method, cases[:n], protocol, size, reference.subset(n), overrides[method])
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        # Saved after every run: a long sweep that is stopped keeps what it finished.
+        output["runs"] = [r for r in output["runs"] if _run_key(r) != _run_key(row)] + [row]
+        save(output, args.output)
         plot(output["runs"], args.output.with_suffix(".png"))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(output, indent=1))
-    print(f"wrote {args.output}")
+
+
+def _run_key(row: dict) -> tuple:
+    return row["method"], row["protocol"], row["edits"], row["edit_batch_size"]
+
+
+def save(output: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(output, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

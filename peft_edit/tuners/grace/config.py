@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from ...architectures import Layout, UnsupportedModelError, mlp_out_name, num_layers
-from ..config import EditConfig
+from ...architectures import Layout, mlp_out_name
+from ..wrapped.config import OneBlockConfig
 
 # GRACE reads keys late in the network, where a prompt's last token already encodes what comes
 # next: there, paraphrases of one question sit closer together than unrelated prompts do.
@@ -39,7 +37,7 @@ def grace_site_name(layout: Layout, layer: int) -> str:
 
 
 @dataclass
-class GraceConfig(EditConfig):
+class GraceConfig(OneBlockConfig):
     """GRACE (Hartvigsen et al., 2023): a key-value codebook with deferral radii at one MLP.
 
     The wrapped MLP's input at an edit's last prompt token is the key; the value, optimised so
@@ -83,8 +81,6 @@ class GraceConfig(EditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"GraceConfig.layer must be >= 0, got {self.layer}.")
         if self.init_radius <= 0:
             raise ValueError(f"GraceConfig.init_radius must be positive, got {self.init_radius}.")
         if not 0 < self.early_stop_prob < 1:
@@ -94,13 +90,8 @@ class GraceConfig(EditConfig):
         if not 0 < self.replace_tolerance < self.init_radius:
             raise ValueError("GraceConfig.replace_tolerance must be in (0, init_radius).")
 
-    def choose_target_modules(self, model: nn.Module) -> list[str]:
-        layout = self.layout(model)
-        depth = num_layers(model, layout)
-        if self.layer is None:
-            self.layer = default_grace_layer(depth)
-        if self.layer >= depth:
-            raise UnsupportedModelError(
-                f"GraceConfig.layer={self.layer}, but the model has only {depth} blocks."
-            )
-        return [grace_site_name(layout, self.layer)]
+    def default_layer(self, depth: int) -> int:
+        return default_grace_layer(depth)
+
+    def site_name(self, layout: Layout, layer: int) -> str:
+        return grace_site_name(layout, layer)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from ...architectures import UnsupportedModelError, mlp_out_name, num_layers
-from ..config import EditConfig
+from ..wrapped.config import SiteTrainingConfig
 
 
 @dataclass
-class TPatcherConfig(EditConfig):
+class TPatcherConfig(SiteTrainingConfig):
     """Transformer-Patcher (Huang et al., 2023): one patch neuron per edit beside a late MLP.
 
     A patch is a key ``k``, a bias ``b`` and a value ``v``; at every token it adds
@@ -45,46 +42,15 @@ class TPatcherConfig(EditConfig):
         default=1.0,
         metadata={"help": "Weight of the memory loss (the patch must stay silent on other text)."},
     )
-    early_stop_loss: float = field(
-        default=0.05,
-        metadata={
-            "help": "Stop once the target's NLL is below this and the patch fires only where it should."
-        },
-    )
-    context_template_lengths: list[int] = field(
-        default_factory=lambda: [5, 10], metadata={"help": "Token lengths of the sampled prefixes."}
-    )
-    context_templates_per_length: int = field(
-        default=2, metadata={"help": "Sampled prefixes per length (plus the bare prompt)."}
-    )
-    unrelated_texts: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Texts whose keys form the memory patches must not fire on; default: a built-in set."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the sampled prefixes."})
 
     method = "tpatcher"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"TPatcherConfig.layer must be >= 0, got {self.layer}.")
-        if self.num_steps < 1 or self.lr <= 0:
-            raise ValueError("TPatcherConfig.num_steps must be at least 1 and lr positive.")
         if not 0 < self.boundary < 1:
             raise ValueError(f"TPatcherConfig.boundary must be in (0, 1), got {self.boundary}.")
         if self.activation_weight < 0 or self.memory_weight < 0:
             raise ValueError("TPatcherConfig.activation_weight and memory_weight must be >= 0.")
 
-    def choose_target_modules(self, model: nn.Module) -> list[str]:
-        layout = self.layout(model)
-        depth = num_layers(model, layout)
-        if self.layer is None:
-            self.layer = depth - 1
-        if self.layer >= depth:
-            raise UnsupportedModelError(
-                f"TPatcherConfig.layer={self.layer}, but the model has only {depth} blocks."
-            )
-        return [mlp_out_name(layout, self.layer)]
+    def default_layer(self, depth: int) -> int:
+        return depth - 1

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from ...architectures import UnsupportedModelError, mlp_out_name, num_layers
-from ..config import EditConfig
+from ..wrapped.config import SiteTrainingConfig
 
 # WISE edits a late MLP: Llama-2-7B's block 27 of 32 in the paper and EasyEdit. Scaled to depth.
 DEFAULT_LAYER_FRACTION = 27 / 32
 
 
 @dataclass
-class WiseConfig(EditConfig):
+class WiseConfig(SiteTrainingConfig):
     """WISE (Wang et al., 2024): edits go to side copies of one MLP output projection, chosen by a router.
 
     Side memory ``m`` computes ``W x + D_m x``; a token is routed to it when the mean activation
@@ -73,57 +70,28 @@ class WiseConfig(EditConfig):
     lr: float = field(
         default=0.2, metadata={"help": "SGD learning rate of the side memory's entries (as in the paper)."}
     )
-    early_stop_loss: float = field(
-        default=0.05,
-        metadata={"help": "Stop once the target's NLL is below this and the activation margins hold."},
-    )
     replay: bool = field(
         default=True,
         metadata={
             "help": "Retrain the shard's earlier edits with each new one, so the shard does not forget them."
         },
     )
-    context_template_lengths: list[int] = field(
-        default_factory=lambda: [5, 10], metadata={"help": "Token lengths of the sampled prefixes."}
-    )
-    context_templates_per_length: int = field(
-        default=2, metadata={"help": "Sampled prefixes per length (plus the bare prompt)."}
-    )
-    unrelated_texts: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Texts the side memory must not fire on; default: a built-in set of everyday sentences."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the shard masks and sampled prefixes."})
 
     method = "wise"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"WiseConfig.layer must be >= 0, got {self.layer}.")
         if self.edits_per_shard < 1 or self.shards_per_memory < 1:
             raise ValueError("WiseConfig.edits_per_shard and shards_per_memory must be at least 1.")
         if not 0 < self.mask_ratio <= 1 or not 0 < self.merge_density <= 1:
             raise ValueError("WiseConfig.mask_ratio and merge_density must be in (0, 1].")
         if not 0 < self.act_ratio <= 1:
             raise ValueError(f"WiseConfig.act_ratio must be in (0, 1], got {self.act_ratio}.")
-        if self.num_steps < 1 or self.lr <= 0:
-            raise ValueError("WiseConfig.num_steps must be at least 1 and lr positive.")
         if self.edit_margin <= self.irrelevant_margin:
             raise ValueError("WiseConfig.edit_margin must be larger than irrelevant_margin.")
 
-    def choose_target_modules(self, model: nn.Module) -> list[str]:
-        layout = self.layout(model)
-        depth = num_layers(model, layout)
-        if self.layer is None:
-            self.layer = min(depth - 1, int(depth * DEFAULT_LAYER_FRACTION))
-        if self.layer >= depth:
-            raise UnsupportedModelError(
-                f"WiseConfig.layer={self.layer}, but the model has only {depth} blocks."
-            )
-        return [mlp_out_name(layout, self.layer)]
+    def default_layer(self, depth: int) -> int:
+        return min(depth - 1, int(depth * DEFAULT_LAYER_FRACTION))
 
     # ---------------------------------------------------------------- ledger
     @property
