@@ -3,6 +3,7 @@
     python benchmarks/eval_suite.py                                  # ROME, 100 + 100 cases, single protocol
     python benchmarks/eval_suite.py --methods all --protocols single sequential
     python benchmarks/eval_suite.py --limit 3                        # a quick check that it runs
+    python benchmarks/eval_suite.py --limit 500 --reference-only     # how long scoring takes
 
 For each data set the unedited model's probe outputs are computed once (all cases in one batched
 pass; its time is reported as ``reference_seconds``) and shared by every method and protocol.
@@ -53,6 +54,9 @@ def main() -> None:
     )
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--reference-only", action="store_true", help="only time scoring the unedited model on every probe"
+    )
     add_device_argument(parser)
     args = parser.parse_args()
 
@@ -69,28 +73,33 @@ def main() -> None:
     for name in args.data:
         cases = load_cases(SETS[name], limit=args.limit)
         reference = pre_edit_reference(model, tokenizer, cases, settings, questions)
+        if args.reference_only:
+            print(f"{name}: all probes of {len(cases)} cases scored in {reference.seconds:.1f} s")
+            continue
         for protocol in args.protocols:
-            results = [
-                evaluate(
-                    model,
-                    tokenizer,
-                    cases,
-                    method,
-                    protocol,
-                    config_overrides=overrides[method],
-                    eval_every=args.eval_every,
-                    piqa=questions,
-                    generation_tokens=args.generation_tokens,
-                    reference=reference,
-                )  # fmt: skip
-                for method in methods
-            ]
             meta = {
                 "model": "SmolLM2-135M-Instruct",
                 "data": SETS[name],
                 "device": device_description(model.device),
             }
-            path = write_json(args.output_dir / f"eval_{name}_{protocol}.json", results, meta)
+            path = args.output_dir / f"eval_{name}_{protocol}.json"
+            results = []
+            for method in methods:
+                results.append(
+                    evaluate(
+                        model,
+                        tokenizer,
+                        cases,
+                        method,
+                        protocol,
+                        config_overrides=overrides[method],
+                        eval_every=args.eval_every,
+                        piqa=questions,
+                        generation_tokens=args.generation_tokens,
+                        reference=reference,
+                    )
+                )
+                write_json(path, results, meta)  # after every method: a stopped run keeps what it finished
             print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")
             print(format_table(results))
             print(
