@@ -159,6 +159,7 @@ def main() -> None:
     layers = list(memit.layers)
     output = json.loads(args.output.read_text()) if args.output.is_file() else {"runs": []}
     output["device"] = device_description(model.device)
+    output["rss_after_loading_mb"] = resident_mb()  # what the peaks below are to be read against
     if not args.no_stats:
         output["statistics"] = time_statistics(model, tokenizer, layers, 20_000)
         print(json.dumps(output["statistics"]))
@@ -180,6 +181,14 @@ def main() -> None:
         output["runs"] = [r for r in output["runs"] if _run_key(r) != _run_key(row)] + [row]
         save(output, args.output)
         plot(output["runs"], args.output.with_suffix(".png"))
+
+
+def resident_mb() -> float:
+    """The process's resident memory now (Linux), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _run_key(row: dict) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...architectures import in_out_features
+from ...capture import capture
 from ...requests import EditRequest
 from ..per_model import context_templates
 from ..site_training import (
@@ -94,18 +95,13 @@ class TPatcherTuner(WrappedTuner):
 
     def _row_keys(self, layer, rows) -> torch.Tensor:
         """The patched projection's input in the training rows, (rows, T, in)."""
-        captured = {}
-
-        def hook(_module, args):
-            captured["x"] = args[0]
-
-        handle = layer.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                self.model(
-                    input_ids=rows.batch.input_ids, attention_mask=rows.batch.attention_mask, use_cache=False
-                )
-        finally:
-            handle.remove()
-        n = rows.batch.input_ids.shape[0]
-        return captured["x"].reshape(n, -1, captured["x"].shape[-1]).float()
+        batch = rows.batch
+        with torch.no_grad():
+            seen, _ = capture(
+                lambda: self.model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ),
+                inputs={"keys": layer},
+            )
+        keys = seen["keys"]
+        return keys.reshape(batch.input_ids.shape[0], -1, keys.shape[-1]).float()
