@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import shared_data_dir, tiny_model_and_tokenizer
+from tiny_models import assert_state_unchanged, shared_data_dir, state, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest
 from peft_edit.data import EditCase, PiqaExample, Probe
@@ -262,24 +262,14 @@ def tiny():
     return tiny_model_and_tokenizer("llama")
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_weights(model, before):
-    after = model.state_dict()
-    assert set(after) == set(before)
-    assert all(torch.equal(after[k], before[k]) for k in before)
-
-
 SETTINGS = {"generation_tokens": 4, "progress": False, "config_overrides": FAST_ROME}
 
 
 def test_single_protocol_restores_and_reports(tiny):
     model, tokenizer = tiny
-    before = _state(model)
+    before = state(model)
     result = evaluate(model, tokenizer, _cases(3), "rome", "single", **SETTINGS)
-    _assert_same_weights(model, before)
+    assert_state_unchanged(model, before)
     assert [r["case_id"] for r in result.records] == ["0", "1", "2"]
     assert result.summary["cases"] == 3 and result.summary["edits"] == 3
     assert result.summary["seconds_per_edit"] > 0 and result.summary["peak_rss_mb"] > 0
@@ -293,11 +283,11 @@ def test_single_protocol_restores_and_reports(tiny):
 
 def test_batch_protocol_makes_one_edit_call(tiny):
     model, tokenizer = tiny
-    before = _state(model)
+    before = state(model)
     cases = _cases(2)
     cases[1].extra_requests.append(EditRequest("{} is in", "Madrid", "Oslo", "Spain"))
     result = evaluate(model, tokenizer, cases, "rome", "batch", **SETTINGS)
-    _assert_same_weights(model, before)
+    assert_state_unchanged(model, before)
     assert result.summary["edits"] == 3
     assert result.summary["first_edit_seconds"] == result.summary["edit_seconds"]  # one call
     assert len(result.records) == 2 and result.curve == []
@@ -305,7 +295,7 @@ def test_batch_protocol_makes_one_edit_call(tiny):
 
 def test_sequential_protocol_curve_points(tiny):
     model, tokenizer = tiny
-    before = _state(model)
+    before = state(model)
     cases = _cases(5)
     reference = pre_edit_reference(
         model, tokenizer, cases, ScoreSettings(generation_tokens=4), progress=False
@@ -313,7 +303,7 @@ def test_sequential_protocol_curve_points(tiny):
     result = evaluate(
         model, tokenizer, cases, "rome", "sequential", eval_every=2, reference=reference, **SETTINGS
     )
-    _assert_same_weights(model, before)
+    assert_state_unchanged(model, before)
     assert [p["cases"] for p in result.curve] == [2, 4, 5]
     assert [p["edits"] for p in result.curve] == [2, 4, 5]
     assert [r["case_id"] for r in result.records] == [c.case_id for c in cases]
@@ -324,7 +314,7 @@ def test_sequential_protocol_curve_points(tiny):
 
 def test_sequential_batches_of_edits(tiny):
     model, tokenizer = tiny
-    before = _state(model)
+    before = state(model)
     cases = _cases(5)
     reference = pre_edit_reference(
         model, tokenizer, cases, ScoreSettings(generation_tokens=0), progress=False
@@ -333,7 +323,7 @@ def test_sequential_batches_of_edits(tiny):
         model, tokenizer, cases[:4], "rome", "sequential", edit_batch_size=2, eval_every=3,
         reference=reference.subset(4), **{**SETTINGS, "generation_tokens": 0},
     )  # fmt: skip
-    _assert_same_weights(model, before)
+    assert_state_unchanged(model, before)
     # Calls end after 2 and 4 cases; 3 is first reached by the second call, which is also the last.
     assert [p["cases"] for p in result.curve] == [4]
     assert (

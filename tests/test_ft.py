@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import FAMILIES, logits, state, tiny_model, tiny_model_and_tokenizer
+from tiny_models import FAMILIES, assert_state_unchanged, logits, state, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, FTConfig, UnsupportedModelError, get_edited_model, load_edited_model
 from peft_edit.architectures import get_layout
@@ -271,10 +271,7 @@ def test_unload_edits_is_bit_identical(edited_family):
     family, _, tokenizer, edited, before_logits, before_state = edited_family
     edited.merge_adapter()  # left merged on purpose: unload must restore the exact weights anyway
     base = edited.unload_edits()
-    after_state = base.state_dict()
-    assert set(after_state) == set(before_state), family
-    for name, tensor in before_state.items():
-        assert torch.equal(after_state[name], tensor), f"{family}: {name} changed"
+    assert_state_unchanged(base, before_state, family)
     torch.testing.assert_close(logits(base, tokenizer), before_logits, atol=0, rtol=0)
 
 

@@ -362,3 +362,11 @@ def logits(model, tokenizer, text=PROBE):
 def state(model):
     """A copy of every tensor of the model's state dict."""
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model, before: dict, label: str = "") -> None:
+    """Every tensor of ``model``'s state dict is bit-identical to the snapshot ``before`` (see :func:`state`)."""
+    after = model.state_dict()
+    assert set(after) == set(before), label
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), f"{label}: {name} changed"
