@@ -43,6 +43,7 @@ KEYS = [
     "locality_gen",
     "seconds_per_edit",
     "peak_rss_mb",
+    "peak_gpu_mb",
 ]
 
 
@@ -85,9 +86,6 @@ def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, o
         if protocol == "sequential"
         else {}
     )
-    on_gpu = model.device.type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(model.device)
     result = evaluate(
         model, tokenizer, cases, config, protocol, generation_tokens=0, reference=reference, **kwargs
     )
@@ -97,7 +95,6 @@ def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, o
         "edits": len(cases),
         "edit_batch_size": edit_batch_size or len(cases),
         **{k: result.summary.get(k) for k in KEYS},
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(model.device) / 2**20 if on_gpu else None,
         "unedited": {k: result.baseline.get(k) for k in KEYS if k in result.baseline},
     }
     if result.curve:
