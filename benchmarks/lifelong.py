@@ -14,24 +14,20 @@ of answer tokens that are the argmax) and by greedy generation (``_gen``: output
 the target; locality: output unchanged). Also reported: seconds per edit, the adapter's size on
 disk after the last edit, and the process's peak memory.
 
-Writes ``benchmarks/results/lifelong_<data>.json`` and ``benchmarks/results/lifelong/<data>/``
-(``sequential.png``: every metric over the number of edits; ``metrics.png``), and prints a table
-per data set. Timings depend on the machine's load: the JSON records the load average and the
+Writes ``benchmarks/results/lifelong_<data>_<method>.json`` (each as its run ends) and
+``benchmarks/results/lifelong/<data>/`` (``sequential.png``: every metric over the number of
+edits, for the methods of this invocation; ``metrics.png``), and prints a table per data set. Timings depend on the machine's load: the JSON records the load average and the
 number of threads used.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from common import DATA, RESULTS, add_device_argument, device_description
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 import peft_edit  # noqa: F401  (registers the methods)
 from peft_edit.cli import load_model, parse_overrides
@@ -39,7 +35,6 @@ from peft_edit.data import load_cases
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.evaluation.report import format_table, plot_results, write_json
 from peft_edit.registration import EDIT_METHODS
-from peft_edit.tuners.tuner import EditTuner
 
 SETS = {
     # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
@@ -49,34 +44,6 @@ SETS = {
 }
 CURVE_COLUMNS = ["reliability_tf", "generalization_tf", "locality_tf", "reliability_gen", "generalization_gen",
                  "locality_gen"]  # fmt: skip
-
-
-@contextlib.contextmanager
-def adapter_bytes_on_unload(sizes: list[int]):
-    """Record the size on disk of each adapter just before the protocol unloads it.
-
-    The sequential protocol removes its adapter when it is done; its size after the last edit is
-    measured here, as ``save_pretrained`` would write it (weights + ``adapter_config.json``).
-    """
-    unload = EditTuner.unload_edits
-
-    def measure_then_unload(tuner):
-        with tempfile.TemporaryDirectory() as folder:
-            total = 0
-            for name, config in tuner.peft_config.items():
-                weights = get_peft_model_state_dict(tuner, adapter_name=name)
-                save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, f"{name}.st"))
-                config.save_pretrained(os.path.join(folder, name))
-                total += os.path.getsize(os.path.join(folder, f"{name}.st"))
-                total += os.path.getsize(os.path.join(folder, name, "adapter_config.json"))
-            sizes.append(total)
-        return unload(tuner)
-
-    EditTuner.unload_edits = measure_then_unload
-    try:
-        yield sizes
-    finally:
-        EditTuner.unload_edits = unload
 
 
 def print_curve(result) -> None:
@@ -128,30 +95,29 @@ def main() -> None:
         reference = pre_edit_reference(model, tokenizer, cases, settings)
         results = []
         for method in args.methods:
-            sizes: list[int] = []
-            with adapter_bytes_on_unload(sizes):
-                result = evaluate(
-                    model,
-                    tokenizer,
-                    cases,
-                    method,
-                    "sequential",
-                    config_overrides=overrides[method],
-                    eval_every=args.eval_every,
-                    generation_tokens=0,
-                    reference=reference,
-                )
-            result.summary["adapter_kb"] = sizes[-1] / 1024 if sizes else None
+            result = evaluate(
+                model,
+                tokenizer,
+                cases,
+                method,
+                "sequential",
+                config_overrides=overrides[method],
+                eval_every=args.eval_every,
+                generation_tokens=0,
+                reference=reference,
+            )
             results.append(result)
-        meta = {
-            "model": "SmolLM2-135M-Instruct",
-            "data": SETS[name],
-            "cases": len(cases),
-            "device": device_description(model.device),
-            "load_average_at_end": os.getloadavg(),
-            "cpu_count": os.cpu_count(),
-        }
-        path = write_json(args.output_dir / f"lifelong_{name}.json", results, meta)
+            meta = {
+                "model": "SmolLM2-135M-Instruct",
+                "data": SETS[name],
+                "cases": len(cases),
+                "device": device_description(model.device),
+                "load_average_at_end": os.getloadavg(),
+                "cpu_count": os.cpu_count(),
+            }
+            # One file per method and data set, written as soon as the run ends.
+            path = write_json(args.output_dir / f"lifelong_{name}_{method}.json", [result], meta)
+            print(f"wrote {path}")
         charts = plot_results(results, args.output_dir / "lifelong" / name)
         print(f"\n### {name}: {len(cases)} cases edited one after another\n")
         print(format_table(results))
@@ -162,7 +128,7 @@ def main() -> None:
                 f"{r.method}: {s['seconds_per_edit']:.2f} s per edit, adapter {s['adapter_kb']:.0f} KB on disk, "
                 f"peak RSS {s['peak_rss_mb']:.0f} MB"
             )
-        print(f"wrote {path} and {', '.join(str(c) for c in charts)}")
+        print(f"wrote {', '.join(str(c) for c in charts)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import assert_state_unchanged, shared_data_dir, state, tiny_model_and_tokenizer
 
-from peft_edit import EditRequest
+from peft_edit import EditRequest, get_edited_model
 from peft_edit.data import EditCase, PiqaExample, Probe
 from peft_edit.evaluation import (
     METRICS,
@@ -41,6 +41,7 @@ from peft_edit.evaluation.scoring import (
     run_probes,
     summarize,
 )
+from peft_edit.registration import edit_method_config
 
 DATA = shared_data_dir()
 
@@ -281,7 +282,7 @@ def test_single_protocol_restores_and_reports(tiny):
     assert result.config["v_num_steps"] == 3 and result.method == "rome"
 
 
-def test_batch_protocol_makes_one_edit_call(tiny):
+def test_batch_protocol_makes_one_edit_call(tiny, tmp_path):
     model, tokenizer = tiny
     before = state(model)
     cases = _cases(2)
@@ -291,6 +292,17 @@ def test_batch_protocol_makes_one_edit_call(tiny):
     assert result.summary["edits"] == 3
     assert result.summary["first_edit_seconds"] == result.summary["edit_seconds"]  # one call
     assert len(result.records) == 2 and result.curve == []
+    # The adapter's size is what save_pretrained writes for the same edits.
+    edited = get_edited_model(
+        model, edit_method_config("rome", **FAST_ROME), requests=[r for c in cases for r in c.requests],
+        tokenizer=tokenizer, progress=False,
+    )  # fmt: skip
+    try:
+        edited.save_pretrained(tmp_path)
+    finally:
+        edited.unload_edits()
+    saved = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert result.summary["adapter_kb"] == pytest.approx(saved / 1024, abs=0.1)
 
 
 def test_sequential_protocol_curve_points(tiny):
@@ -310,6 +322,7 @@ def test_sequential_protocol_curve_points(tiny):
     last = result.curve[-1]
     assert all(last[k] == result.summary[k] for k in METRICS)
     assert result.baseline == reference.summary
+    assert result.summary["adapter_kb"] > 0
 
 
 def test_sequential_batches_of_edits(tiny):

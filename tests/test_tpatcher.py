@@ -11,7 +11,7 @@ import torch
 from tiny_models import tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, get_edited_model
-from peft_edit.tuners.tpatcher.algorithm import activation_loss, initial_patch, memory_loss
+from peft_edit.tuners.tpatcher.algorithm import activation_loss, initial_patch, key_direction, memory_loss
 from peft_edit.tuners.tpatcher.layer import TPatcherLayer
 
 REQUESTS = [
@@ -26,11 +26,29 @@ def edited_layer(edited):
     return edited.base_model._layer(name)
 
 
+def _whitened(edit, memory, ridge=0.01):
+    return key_direction(edit, memory, memory.T @ memory / len(memory), ridge)
+
+
+def test_key_direction_prefers_what_ordinary_keys_do_not_vary_along():
+    torch.manual_seed(0)
+    # Ordinary keys vary a lot along dim 0 and hardly along dim 1; the edit differs from their mean
+    # by 3 along dim 0 (within their spread) and by 0.5 along dim 1 (far outside it).
+    memory = torch.randn(500, 4) * torch.tensor([5.0, 0.05, 1.0, 1.0])
+    edit = torch.tensor([[3.0, 0.5, 0.0, 0.0]])
+    plain = key_direction(edit, memory, torch.eye(4), ridge=1e-6)
+    whitened = _whitened(edit, memory)
+    assert plain[0].abs() > plain[1].abs()  # the plain difference of means follows dim 0
+    assert whitened[1].abs() > 0.9  # whitening turns it to dim 1
+    margin = lambda d: (edit @ d).item() - (memory @ d).max().item()  # noqa: E731
+    assert margin(whitened) > 0 > margin(plain)  # and only the whitened one separates the edit
+
+
 def test_initial_patch_puts_the_edit_at_plus_one_and_the_memory_at_minus_one():
     torch.manual_seed(0)
     memory = torch.randn(200, 16)
     edit = torch.randn(3, 16) * 0.1 + torch.full((16,), 2.0)
-    start = initial_patch(edit, memory)
+    start = initial_patch(edit, memory, _whitened(edit, memory))
     pre = lambda keys: start.scale * keys @ start.direction + start.bias  # noqa: E731
     assert pre(edit).min().item() == pytest.approx(1.0, abs=1e-4)
     assert pre(memory).max().item() == pytest.approx(-1.0, abs=1e-4)
@@ -42,7 +60,7 @@ def test_initial_patch_still_points_the_right_way_when_not_separable():
     torch.manual_seed(0)
     memory = torch.randn(200, 16)
     edit = torch.cat([memory[:1], torch.randn(2, 16) + 3.0])  # one edit key is a memory key
-    start = initial_patch(edit, memory)
+    start = initial_patch(edit, memory, _whitened(edit, memory))
     pre = lambda keys: start.scale * keys @ start.direction + start.bias  # noqa: E731
     assert pre(edit).mean() > pre(memory).mean()
     assert activation_loss(pre(edit)) > 0 or memory_loss(pre(memory)) > 0  # left to training

@@ -18,10 +18,12 @@ import dataclasses
 import math
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,6 +141,7 @@ class _Meter:
         self.edit_seconds: list[float] = []
         self.eval_seconds = 0.0
         self.requests = 0
+        self.adapter_bytes: int | None = None  # on disk, as saved after the last edit (batch, sequential)
         self.cuda = next(model.parameters()).is_cuda
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -150,6 +153,12 @@ class _Meter:
         yield
         self.edit_seconds.append(time.perf_counter() - started)
         self.requests += requests
+
+    def measure_adapter(self, edited) -> None:
+        """The size of what ``save_pretrained`` writes for ``edited`` (every file of the adapter folder)."""
+        with tempfile.TemporaryDirectory() as folder:
+            edited.save_pretrained(folder)
+            self.adapter_bytes = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
     def remember_config(self, edited) -> None:
         if self.resolved_config is None:
@@ -165,6 +174,7 @@ class _Meter:
             # ru_maxrss is in KiB on Linux: the process's peak, model loading included.
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None,
+            "adapter_kb": self.adapter_bytes / 1024 if self.adapter_bytes is not None else None,
         }
 
 
@@ -345,6 +355,7 @@ def _batch(
     try:
         records = _score(edited, tokenizer, cases, range(len(cases)), settings, reference, meter, progress)
         acc = _piqa(edited, tokenizer, questions, settings, meter)
+        meter.measure_adapter(edited)
     finally:
         edited.unload_edits()
     for r in records:
@@ -381,6 +392,7 @@ def _sequential(
             point["piqa_acc"] = _piqa(edited, tokenizer, questions, settings, meter)
             curve.append(point)
             bar.set_postfix(_running(records))
+        meter.measure_adapter(edited)
     finally:
         bar.close()
         if edited is not None:

@@ -12,8 +12,8 @@ from .protocols import EvaluationResult
 from .scoring import METRICS
 
 # Rows of the table, in order: the metrics, the downstream check, then efficiency.
-TABLE_ROWS = [*METRICS, "piqa_acc", "seconds_per_edit", "peak_rss_mb", "eval_seconds"]
-_NO_BASELINE = {"seconds_per_edit", "peak_rss_mb", "eval_seconds"}
+TABLE_ROWS = [*METRICS, "piqa_acc", "seconds_per_edit", "peak_rss_mb", "adapter_kb", "eval_seconds"]
+_NO_BASELINE = {"seconds_per_edit", "peak_rss_mb", "adapter_kb", "eval_seconds"}
 
 
 def _cell(value: float | None) -> str:

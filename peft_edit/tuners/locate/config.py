@@ -2,19 +2,19 @@
 
 Each of them optimises, per request, a value change δ at the subject's last token (the same
 recipe: prefixed prompts, a KL term, a norm clamp) and solves for a weight update under the key
-covariance of the edited layers. The fields for those two steps live here once; each method's
-config adds its own and may override a default.
+covariance of the edited layers (the fields of :class:`KeyStatisticsConfig`). The fields for those
+two steps live here once; each method's config adds its own and may override a default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import EditConfig
+from ..stats_config import KeyStatisticsConfig
 
 
 @dataclass
-class LocateThenEditConfig(EditConfig):
+class LocateThenEditConfig(KeyStatisticsConfig):
     v_num_steps: int = field(default=25, metadata={"help": "Optimisation steps for the value change δ."})
     v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate for δ."})
     v_weight_decay: float = field(default=1e-3, metadata={"help": "Weight of ||δ||²/||v||² in the loss."})
@@ -40,19 +40,6 @@ class LocateThenEditConfig(EditConfig):
     context_templates_per_length: int = field(
         default=5, metadata={"help": "Sampled prefixes per length (plus the bare prompt)."}
     )
-    stats_corpus: str = field(
-        default="identity",
-        metadata={
-            "help": "Key covariance C: 'identity' (no statistics), a text file path such as WikiText, a "
-            "`datasets` name, or 'model' (text sampled from the model itself: offline but slow on a CPU, "
-            "~9 min for 20k tokens of a 135M model)."
-        },
-    )
-    stats_samples: int = field(default=20_000, metadata={"help": "Tokens used for the key covariance."})
-    stats_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where covariance statistics are cached (default ~/.cache/peft_edit/stats)."},
-    )
     seed: int = field(default=0, metadata={"help": "Seed for the sampled prefixes (and sampled corpus)."})
 
     def __post_init__(self) -> None:
@@ -62,8 +49,6 @@ class LocateThenEditConfig(EditConfig):
             raise ValueError(f"{name}.v_num_steps must be at least 1.")
         if self.clamp_norm_factor <= 0 or self.v_lr <= 0:
             raise ValueError(f"{name}.clamp_norm_factor and v_lr must be positive.")
-        if self.stats_samples < 1:
-            raise ValueError(f"{name}.stats_samples must be at least 1.")
         for p in self.kl_prompts:
             if p.count("{}") != 1:
                 raise ValueError(

@@ -19,8 +19,28 @@ class PatchStart:
     bias: float
 
 
-def initial_patch(edit_keys: torch.Tensor, memory_keys: torch.Tensor, boundary: float = 0.5) -> PatchStart:
-    """A key along the edit's mean key minus the memory's mean, firing from ``boundary`` of the way to the edit.
+def key_direction(
+    edit_keys: torch.Tensor, memory_keys: torch.Tensor, second_moment: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """The unit direction ``(C + ridge·mean(diag C)·I)⁻¹ (mean edit key − mean memory key)``.
+
+    Un-whitened, the difference of means points along what every late-layer key of a question
+    shares (a patch along it fires on any question); whitening by the keys' second moment ``C``
+    discounts the directions ordinary text already varies along, as ROME's ``C⁻¹k`` does, leaving
+    what is particular to the edit.
+    """
+    moment = second_moment.to(edit_keys)
+    regularized = moment + ridge * moment.diagonal().mean() * torch.eye(
+        moment.shape[0], dtype=moment.dtype, device=moment.device
+    )
+    direction = torch.linalg.solve(regularized, edit_keys.mean(0) - memory_keys.mean(0))
+    return direction / direction.norm().clamp(min=1e-12)
+
+
+def initial_patch(
+    edit_keys: torch.Tensor, memory_keys: torch.Tensor, direction: torch.Tensor, boundary: float = 0.5
+) -> PatchStart:
+    """A key along ``direction``, firing from ``boundary`` of the way from the memory to the edit.
 
     With the boundary halfway the edit sits at s = +1 and the memory at -1; further towards the
     edit, the memory sits lower and unseen text must come closer to the edit to fire the patch.
@@ -28,8 +48,6 @@ def initial_patch(edit_keys: torch.Tensor, memory_keys: torch.Tensor, boundary: 
     Measured on the closest cases (the edit key least along the direction, the memory key most),
     so a patch that starts separable needs no key training at all; otherwise the losses take over.
     """
-    direction = edit_keys.mean(0) - memory_keys.mean(0)
-    direction = direction / direction.norm().clamp(min=1e-12)
     edit_low = (edit_keys @ direction).min()
     memory_high = (memory_keys @ direction).max()
     gap = edit_low - memory_high

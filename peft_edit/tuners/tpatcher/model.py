@@ -7,7 +7,7 @@ import torch
 from ...architectures import in_out_features
 from ...capture import capture
 from ...requests import EditRequest
-from ..per_model import context_templates
+from ..per_model import context_templates, second_moments
 from ..site_training import (
     UNRELATED_TEXTS,
     build_target_rows,
@@ -15,7 +15,7 @@ from ..site_training import (
     train_added_output,
 )
 from ..wrapped import WrappedTuner
-from .algorithm import activation_loss, initial_patch, memory_loss
+from .algorithm import activation_loss, initial_patch, key_direction, memory_loss
 from .config import TPatcherConfig
 from .layer import TPatcherLayer
 
@@ -38,9 +38,16 @@ class TPatcherTuner(WrappedTuner):
         predicting = rows.predicting_mask()
         earlier = [EditRequest.from_dict(r) for e in config.edits for r in e["requests"]][-MAX_OTHER_EDITS:]
         texts = list(config.unrelated_texts or UNRELATED_TEXTS) + [r.filled_prompt for r in earlier]
-        memory = torch.cat(cached_site_inputs(self.model, config.layer, layer, tokenizer, texts))
+        memory_per_text = cached_site_inputs(self.model, config.layer, layer, tokenizer, texts)
+        memory = torch.cat(memory_per_text)
         edit_keys = self._row_keys(layer, rows)[predicting]
-        start = initial_patch(edit_keys, memory, config.boundary)
+        # A text's first key is an outlier (~10x the norm of the others on SmolLM2: the attention
+        # sink); it stays in the memory loss but would dominate the memory's mean and moment.
+        typical = torch.cat([k[1:] for k in memory_per_text])
+        moments = second_moments(self.model, tokenizer, config, [config.layer])
+        moment = moments[config.layer] if moments else typical.T @ typical / len(typical)
+        direction = key_direction(edit_keys, typical, moment, config.key_ridge)
+        start = initial_patch(edit_keys, memory, direction, config.boundary)
 
         d_in, d_out = in_out_features(layer.base_layer)
         direction = start.direction.clone().requires_grad_(True)
