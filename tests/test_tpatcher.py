@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, get_edited_model
+from peft_edit.requests import tokenize_continuation
 from peft_edit.tuners.tpatcher.algorithm import activation_loss, initial_patch, key_direction, memory_loss
 from peft_edit.tuners.tpatcher.layer import TPatcherLayer
 
@@ -75,21 +76,28 @@ def test_a_patch_changes_only_the_tokens_where_it_fires():
     out, base = layer(x), layer.base_layer(x)
     torch.testing.assert_close(out[0, 0], base[0, 0] + 0.5 * torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(out[0, 1], base[0, 1])  # silent: bit for bit
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         layer.append("default", torch.zeros(5), torch.tensor(0.0), torch.zeros(3))
+    with pytest.raises(ValueError, match="do not fit"):  # two keys, one value
+        layer.append("default", torch.zeros(2, 4), torch.zeros(2), torch.zeros(1, 3))
+    # An edit's patches arrive together and occupy consecutive slots.
+    assert layer.append("default", torch.zeros(2, 4), torch.full((2,), -1.0), torch.ones(2, 3)) == (1, 3)
+    assert layer.size("default") == 3
 
 
-def test_one_patch_per_edit_and_the_ledger_gives_each_its_neuron(tmp_path):
+def test_one_patch_per_target_token_and_the_ledger_gives_each_edit_its_neurons(tmp_path):
     from peft import PeftModel
 
     model, tokenizer = tiny_model_and_tokenizer("llama")
-    config = TPatcherConfig(num_steps=5, context_templates_per_length=0)
+    config = TPatcherConfig(num_steps=5, context_templates_per_length=0, stats_corpus="identity")
     edited = get_edited_model(model, config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
     edited.edit(REQUESTS[1:], progress=False)
     (name,) = edited.peft_config["default"].target_modules
-    assert [e["modules"][name] for e in edited.ledger] == [[0, 1], [1, 2], [2, 3]]
+    tokens = [len(tokenize_continuation(tokenizer, r.filled_prompt, r.target_new)[1]) for r in REQUESTS]
+    ends = [sum(tokens[: i + 1]) for i in range(len(tokens))]
+    assert [e["modules"][name] for e in edited.ledger] == [[end - n, end] for end, n in zip(ends, tokens)]
     layer = edited_layer(edited)
-    assert layer.tp_keys["default"].shape[0] == 3
+    assert layer.tp_keys["default"].shape[0] == ends[-1]
     assert torch.isfinite(layer.tp_values["default"]).all()
     edited.save_pretrained(tmp_path / "a")
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")

@@ -31,7 +31,7 @@ PROBE = "The Eiffel Tower is located in the city of"
 FAST = dict(num_steps=8, context_templates_per_length=0)
 CONFIGS = {
     "wise": lambda **kw: WiseConfig(**{**FAST, "edits_per_shard": 1, "shards_per_memory": 2, **kw}),
-    "tpatcher": lambda **kw: TPatcherConfig(**{**FAST, **kw}),
+    "tpatcher": lambda **kw: TPatcherConfig(**{**FAST, "stats_corpus": "identity", **kw}),
 }
 
 

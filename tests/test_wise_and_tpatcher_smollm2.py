@@ -26,7 +26,9 @@ UNRELATED = ["The capital of Germany is", "The Brandenburg Gate is located in th
 # prompt whose answer was the edit's old answer (the Louvre: Paris) fires the patch too. WISE's
 # router tells them apart.
 SAME_OLD_ANSWER = "The Louvre is located in the city of"
-CONFIGS = {"wise": WiseConfig, "tpatcher": TPatcherConfig}
+# T-Patcher whitens with statistics from the model's own samples by default (minutes on a CPU); the
+# tests estimate them from the unrelated texts instead.
+CONFIGS = {"wise": WiseConfig, "tpatcher": lambda: TPatcherConfig(stats_corpus="identity")}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

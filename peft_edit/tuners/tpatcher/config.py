@@ -17,10 +17,11 @@ class TPatcherConfig(SiteTrainingConfig, KeyStatisticsConfig):
     projection. It is trained to fire on the edit (pre-activation at least 1 where the target is
     predicted) and stay silent (at most -1) on keys of unrelated text and of earlier edits.
 
-    A patch's key starts along the edit's keys whitened by the keys' second moment: from
-    ``stats_corpus`` when one is given (a text file such as WikiText is a ~30 s pass on a CPU,
-    then cached), otherwise estimated from the unrelated texts' keys alone, which separates an
-    edit from other questions far less well (see the README's lifelong benchmark).
+    An edit gets one patch per target token (a patch adds one value vector, which can push one
+    token). A patch's key starts along the edit's keys whitened by the keys' second moment
+    ``E[k kᵀ]`` over ``stats_corpus``; with ``"identity"`` it is estimated from the unrelated
+    texts' keys alone, which tells an edit from other questions far less well (see the README's
+    lifelong benchmark).
     """
 
     layer: int | None = field(
@@ -34,8 +35,16 @@ class TPatcherConfig(SiteTrainingConfig, KeyStatisticsConfig):
             "help": "Adam learning rate, in units where one step moves a pre-activation or the value by about lr."
         },
     )
+    stats_corpus: str = field(
+        default="model",
+        metadata={
+            "help": "Corpus of the key second moment the patch keys are whitened with: 'model' (text the model "
+            "samples itself: offline, ~7 min per layer for a 135M model on a CPU, then cached), a text file "
+            "such as WikiText, a `datasets` name, or 'identity' (estimate it from the unrelated texts)."
+        },
+    )
     boundary: float = field(
-        default=0.5,
+        default=0.9,
         metadata={
             "help": "Where a new patch starts to fire, between the memory's closest key (0) and the edit's (1); "
             "higher is more specific."

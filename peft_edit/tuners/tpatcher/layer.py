@@ -38,21 +38,25 @@ class TPatcherLayer(WrappedLayer):
     def append(
         self, adapter_name: str, key: torch.Tensor, bias: torch.Tensor, value: torch.Tensor
     ) -> tuple[int, int]:
-        """Add one patch; return the slice of patches it occupies."""
+        """Add the patches of one edit (keys (k, in), biases (k,), values (k, out); one patch may
+        drop the first dimension); return the slice of patches they occupy."""
         keys, biases, values = (getattr(self, n)[adapter_name] for n in self.adapter_layer_names)
-        if key.shape != keys.shape[1:] or value.shape != values.shape[1:] or bias.numel() != 1:
+        key, value, bias = torch.atleast_2d(key), torch.atleast_2d(value), bias.reshape(-1)
+        if (
+            key.shape[1:] != keys.shape[1:]
+            or value.shape[1:] != values.shape[1:]
+            or not (key.shape[0] == value.shape[0] == bias.shape[0])
+        ):
             raise ValueError(
-                f"A patch of key {tuple(key.shape)}, bias {tuple(bias.shape)}, value {tuple(value.shape)} does not "
-                f"fit a projection of {keys.shape[1]} inputs and {values.shape[1]} outputs."
+                f"Patches of keys {tuple(key.shape)}, biases {tuple(bias.shape)}, values {tuple(value.shape)} do "
+                f"not fit a projection of {keys.shape[1]} inputs and {values.shape[1]} outputs."
             )
         start = keys.shape[0]
-        for name, old, new in zip(
-            self.adapter_layer_names, (keys, biases, values), (key, bias.reshape(()), value)
-        ):
+        for name, old, new in zip(self.adapter_layer_names, (keys, biases, values), (key, bias, value)):
             getattr(self, name)[adapter_name] = nn.Parameter(
-                torch.cat([old, new.to(old)[None]]), requires_grad=False
+                torch.cat([old, new.to(old)]), requires_grad=False
             )
-        return start, start + 1
+        return start, start + key.shape[0]
 
     def apply(self, adapter_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         keys, biases, values = (getattr(self, n)[adapter_name] for n in self.adapter_layer_names)

@@ -1,4 +1,4 @@
-"""T-Patcher as an edit adapter: one trained patch neuron per edit."""
+"""T-Patcher as an edit adapter: trained patch neurons per edit, one per target token."""
 
 from __future__ import annotations
 
@@ -36,44 +36,54 @@ class TPatcherTuner(WrappedTuner):
         templates = context_templates(self.model, tokenizer, config)
         rows = build_target_rows(tokenizer, [request], templates, device=device)
         predicting = rows.predicting_mask()
+        own = _positions_per_target_token(rows)  # (patches, rows, T)
         earlier = [EditRequest.from_dict(r) for e in config.edits for r in e["requests"]][-MAX_OTHER_EDITS:]
         texts = list(config.unrelated_texts or UNRELATED_TEXTS) + [r.filled_prompt for r in earlier]
         memory_per_text = cached_site_inputs(self.model, config.layer, layer, tokenizer, texts)
         memory = torch.cat(memory_per_text)
-        edit_keys = self._row_keys(layer, rows)[predicting]
+        row_keys = self._row_keys(layer, rows)
         # A text's first key is an outlier (~10x the norm of the others on SmolLM2: the attention
         # sink); it stays in the memory loss but would dominate the memory's mean and moment.
         typical = torch.cat([k[1:] for k in memory_per_text])
         moments = second_moments(self.model, tokenizer, config, [config.layer])
         moment = moments[config.layer] if moments else typical.T @ typical / len(typical)
-        direction = key_direction(edit_keys, typical, moment, config.key_ridge)
-        start = initial_patch(edit_keys, memory, direction, config.boundary)
+        starts = [
+            initial_patch(
+                row_keys[where],
+                memory,
+                key_direction(row_keys[where], typical, moment, config.key_ridge),
+                config.boundary,
+            )
+            for where in own
+        ]
 
         d_in, d_out = in_out_features(layer.base_layer)
-        direction = start.direction.clone().requires_grad_(True)
-        bias = torch.tensor(start.bias, device=device, requires_grad=True)
-        value = torch.zeros(d_out, device=device, requires_grad=True)
-        # Units in which one Adam step of size lr moves a pre-activation, or the value's norm, by about lr.
-        direction_lr = config.lr / (start.scale * edit_keys.abs().sum(-1).mean().item())
-        value_unit = (
-            layer.get_base_layer()(edit_keys.to(layer.get_base_layer().weight.dtype))
-            .float()
-            .norm(dim=-1)
-            .mean()
-            .item()
-        )
-        value_unit /= d_out**0.5
+        directions = [s.direction.clone().requires_grad_(True) for s in starts]
+        scales = torch.tensor([s.scale for s in starts], device=device)
+        bias = torch.tensor([s.bias for s in starts], device=device, requires_grad=True)
+        values = torch.zeros(len(starts), d_out, device=device, requires_grad=True)
+        edit_keys = row_keys[predicting]
+        # Units in which one Adam step of size lr moves a pre-activation, or a value's norm, by about lr.
+        key_size = edit_keys.abs().sum(-1).mean().item()
+        direction_groups = [
+            {"params": [d], "lr": config.lr / (s.scale * key_size)} for d, s in zip(directions, starts)
+        ]
+        base = layer.get_base_layer()
+        value_unit = base(edit_keys.to(base.weight.dtype)).float().norm(dim=-1).mean().item() / d_out**0.5
         state = {"fires_only_where_it_should": False}
 
-        def pre_activation(keys):
-            return start.scale * (keys @ direction) + bias
+        def pre_activation(keys):  # (..., in) -> (..., patches)
+            return torch.stack([keys @ d for d in directions], -1) * scales + bias
 
         def added_output(x):
-            return torch.relu(pre_activation(x))[..., None] * (value * value_unit)
+            return torch.relu(pre_activation(x)) @ (values * value_unit)
 
         def patch_losses(x, _added):
-            fire = activation_loss(pre_activation(x[predicting]))
-            silent = memory_loss(pre_activation(memory))
+            pre = pre_activation(x)
+            fire = torch.stack([activation_loss(pre[..., j][where]) for j, where in enumerate(own)]).mean()
+            # Silent on the memory, and each patch also where the edit predicts its other tokens.
+            elsewhere = [pre[..., j][predicting & ~where] for j, where in enumerate(own)]
+            silent = memory_loss(torch.cat([pre_activation(memory).flatten(), *elsewhere]))
             # A hinge averaging below 1e-3 means a handful of keys inside the margin, not on the wrong side.
             state["fires_only_where_it_should"] = fire.item() < 1e-3 and silent.item() < 1e-3
             return config.activation_weight * fire + config.memory_weight * silent
@@ -84,11 +94,7 @@ class TPatcherTuner(WrappedTuner):
             config.layer,
             layer,
             rows,
-            [
-                {"params": [direction], "lr": direction_lr},
-                {"params": [bias], "lr": config.lr},
-                {"params": [value], "lr": config.lr},
-            ],
+            [*direction_groups, {"params": [bias], "lr": config.lr}, {"params": [values], "lr": config.lr}],
             added_output=added_output,
             extra_loss=patch_losses,
             steps=config.num_steps,
@@ -97,8 +103,8 @@ class TPatcherTuner(WrappedTuner):
             done=lambda: state["fires_only_where_it_should"],
         )
         with torch.no_grad():
-            key = start.scale * direction
-            return {target: (key.detach(), bias.detach(), (value * value_unit).detach())}
+            keys = torch.stack(directions) * scales[:, None]
+            return {target: (keys.detach(), bias.detach(), (values * value_unit).detach())}
 
     def _row_keys(self, layer, rows) -> torch.Tensor:
         """The patched projection's input in the training rows, (rows, T, in)."""
@@ -112,3 +118,18 @@ class TPatcherTuner(WrappedTuner):
             )
         keys = seen["keys"]
         return keys.reshape(batch.input_ids.shape[0], -1, keys.shape[-1]).float()
+
+
+def _positions_per_target_token(rows) -> torch.Tensor:
+    """(target tokens, rows, T) bool: where each of the edit's target tokens is predicted.
+
+    One patch per target token: a patch adds one value vector, which can push one token only.
+    """
+    n_tokens = len(rows.predicts[0])
+    masks = torch.zeros(
+        n_tokens, *rows.batch.attention_mask.shape, dtype=torch.bool, device=rows.batch.input_ids.device
+    )
+    for r, pairs in enumerate(rows.predicts):
+        for j, (pos, _token) in enumerate(pairs):
+            masks[j, r, pos] = True
+    return masks
