@@ -16,13 +16,20 @@ disk after the last edit, and the process's peak memory.
 
 Writes ``benchmarks/results/lifelong_<data>_<method>.json`` (each as its run ends) and
 ``benchmarks/results/lifelong/<data>/`` (``sequential.png``: every metric over the number of
-edits, for the methods of this invocation; ``metrics.png``), and prints a table per data set. Timings depend on the machine's load: the JSON records the load average and the
-number of threads used.
+edits, for the methods of this invocation; ``metrics.png``), and prints a table per data set.
+Timings depend on the machine's load: the JSON records the load average and the number of
+threads used.
+
+Methods that train a memory to stay silent on unrelated text (WISE, T-Patcher: the
+``unrelated_texts`` field) get the locality prompts of ``--unrelated`` held-out records from the
+end of the same file, never the evaluated ones, as WISE's and T-Patcher's papers draw their
+irrelevant inputs from the training split; ``--unrelated 0`` keeps the built-in everyday texts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -34,7 +41,7 @@ from peft_edit.cli import load_model, parse_overrides
 from peft_edit.data import load_cases
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.evaluation.report import format_table, plot_results, write_json
-from peft_edit.registration import EDIT_METHODS
+from peft_edit.registration import EDIT_METHODS, edit_method_config
 
 SETS = {
     # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
@@ -44,6 +51,22 @@ SETS = {
 }
 CURVE_COLUMNS = ["reliability_tf", "generalization_tf", "locality_tf", "reliability_gen", "generalization_gen",
                  "locality_gen"]  # fmt: skip
+
+
+def held_out_unrelated_texts(cases, evaluated: int, count: int) -> list[str]:
+    """The locality prompts of the last ``count`` cases, none of them among the first ``evaluated``."""
+    count = min(count, len(cases) - evaluated)
+    if count < 1:
+        return []
+    return [probe.prompt for case in cases[-count:] for probe in case.neighbors]
+
+
+def with_unrelated_texts(method: str, overrides: dict, texts: list[str]) -> dict:
+    """``overrides`` plus ``unrelated_texts`` for methods that have the field (unless set already)."""
+    fields = {f.name for f in dataclasses.fields(edit_method_config(method))}
+    if not texts or "unrelated_texts" not in fields or "unrelated_texts" in overrides:
+        return overrides
+    return {**overrides, "unrelated_texts": texts}
 
 
 def print_curve(result) -> None:
@@ -73,6 +96,12 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE", help="config override"
     )
+    parser.add_argument(
+        "--unrelated",
+        type=int,
+        default=100,
+        help="held-out records whose locality prompts WISE/T-Patcher keep silent on (0: built-in texts)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     add_device_argument(parser)
@@ -91,7 +120,9 @@ def main() -> None:
     # Answers and corrections are short (zsRE) or one sentence (hallucination): no free generation.
     settings = ScoreSettings(generation_tokens=0)
     for name in args.data:
-        cases = load_cases(SETS[name], limit=limit)
+        every_case = load_cases(SETS[name])
+        cases = every_case[:limit]
+        unrelated = held_out_unrelated_texts(every_case, len(cases), args.unrelated)
         reference = pre_edit_reference(model, tokenizer, cases, settings)
         results = []
         for method in args.methods:
@@ -101,7 +132,7 @@ def main() -> None:
                 cases,
                 method,
                 "sequential",
-                config_overrides=overrides[method],
+                config_overrides=with_unrelated_texts(method, overrides[method], unrelated),
                 eval_every=args.eval_every,
                 generation_tokens=0,
                 reference=reference,
@@ -111,6 +142,7 @@ def main() -> None:
                 "model": "SmolLM2-135M-Instruct",
                 "data": SETS[name],
                 "cases": len(cases),
+                "held_out_unrelated_texts": len(unrelated),
                 "device": device_description(model.device),
                 "load_average_at_end": os.getloadavg(),
                 "cpu_count": os.cpu_count(),

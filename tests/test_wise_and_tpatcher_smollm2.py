@@ -50,13 +50,8 @@ def test_the_unedited_model_knows_the_fact(smol):
     assert smol[3][PROMPT].strip().startswith("Paris")
 
 
-def test_both_sequential_edits_hold_in_greedy_generation(smol, request):
+def test_both_sequential_edits_hold_in_greedy_generation(smol):
     method, edited, tokenizer, _ = smol
-    if method == "wise":
-        # Known gap: the second edit written into the same shard routes to it but does not take.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="WISE: second edit in a shard is not learned")
-        )
     assert greedy(edited, tokenizer, PROMPT).strip().startswith("Rome"), method
     assert greedy(edited, tokenizer, "Michael Jordan plays the sport of").strip().startswith("soccer"), method
 

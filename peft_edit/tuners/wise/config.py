@@ -68,7 +68,11 @@ class WiseConfig(SiteTrainingConfig):
     )
     num_steps: int = field(default=25, metadata={"help": "Optimisation steps per edit."})
     lr: float = field(
-        default=0.2, metadata={"help": "SGD learning rate of the side memory's entries (as in the paper)."}
+        default=1.0,
+        metadata={
+            "help": "SGD learning rate of the side memory's entries; on SmolLM2, 0.2 left the second edit of a "
+            "shard unlearnt after 25 steps (its target's NLL 0.84, against 0.22 at 1.0)."
+        },
     )
     replay: bool = field(
         default=True,
