@@ -5,6 +5,7 @@
     python benchmarks/lifelong.py --full                       # 1,000 zsRE cases (hallucination has 600)
     python benchmarks/lifelong.py --limit 50 --eval-every 25   # a quick run
     python benchmarks/lifelong.py --set grace.init_radius=0.4  # a config override (FIELD=VALUE for all)
+    python benchmarks/lifelong.py --replot                     # tables and charts of all runs so far
 
 Any registered edit method can be named (``peft_edit.register_edit_method``). Cases are edited
 sequentially into the same adapter; after every ``--eval-every`` edits every case edited so far
@@ -40,7 +41,7 @@ import peft_edit  # noqa: F401  (registers the methods)
 from peft_edit.cli import load_model, parse_overrides
 from peft_edit.data import load_cases
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
-from peft_edit.evaluation.report import format_table, plot_results, write_json
+from peft_edit.evaluation.report import format_table, plot_results, read_json, write_json
 from peft_edit.registration import EDIT_METHODS, edit_method_config
 
 SETS = {
@@ -104,8 +105,15 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="edit nothing: tables and charts from the JSON files of earlier runs (methods side by side)",
+    )
     add_device_argument(parser)
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.data, args.output_dir)
 
     unknown = [m for m in args.methods if m not in EDIT_METHODS]
     if unknown:
@@ -150,17 +158,30 @@ def main() -> None:
             # One file per method and data set, written as soon as the run ends.
             path = write_json(args.output_dir / f"lifelong_{name}_{method}.json", [result], meta)
             print(f"wrote {path}")
-        charts = plot_results(results, args.output_dir / "lifelong" / name)
-        print(f"\n### {name}: {len(cases)} cases edited one after another\n")
-        print(format_table(results))
-        for r in results:
-            print_curve(r)
-            s = r.summary
-            print(
-                f"{r.method}: {s['seconds_per_edit']:.2f} s per edit, adapter {s['adapter_kb']:.0f} KB on disk, "
-                f"peak RSS {s['peak_rss_mb']:.0f} MB"
-            )
-        print(f"wrote {', '.join(str(c) for c in charts)}")
+        report(name, results, args.output_dir)
+
+
+def report(name: str, results, output_dir: Path) -> None:
+    """Print the table and curves of ``results`` on data set ``name`` and draw their charts."""
+    charts = plot_results(results, output_dir / "lifelong" / name)
+    print(f"\n### {name}\n")
+    print(format_table(results))
+    for r in results:
+        print_curve(r)
+        s = r.summary
+        print(
+            f"{r.method}: {r.summary['cases']} cases, {s['seconds_per_edit']:.2f} s per edit, "
+            f"adapter {s['adapter_kb']:.0f} KB on disk, peak RSS {s['peak_rss_mb']:.0f} MB"
+        )
+    print(f"wrote {', '.join(str(c) for c in charts)}")
+
+
+def replot(data: list[str], output_dir: Path) -> None:
+    """Tables and charts from the JSON files already written, every method side by side."""
+    for name in data:
+        files = sorted(output_dir.glob(f"lifelong_{name}_*.json"))
+        if files:
+            report(name, [run for f in files for run in read_json(f)], output_dir)
 
 
 if __name__ == "__main__":

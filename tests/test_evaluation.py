@@ -17,6 +17,7 @@ from peft_edit import EditRequest, get_edited_model
 from peft_edit.data import EditCase, PiqaExample, Probe
 from peft_edit.evaluation import (
     METRICS,
+    EvaluationResult,
     RestoreError,
     evaluate,
     pre_edit_reference,
@@ -31,7 +32,7 @@ from peft_edit.evaluation.metrics import (
     unchanged_fraction,
 )
 from peft_edit.evaluation.piqa import piqa_accuracy, sample_questions
-from peft_edit.evaluation.report import format_table, plot_results, results_json
+from peft_edit.evaluation.report import format_table, plot_results, read_json, results_json, write_json
 from peft_edit.evaluation.restore import WeightSnapshot
 from peft_edit.evaluation.scoring import (
     CaseOutputs,
@@ -499,3 +500,21 @@ def test_rome_on_smollm2_moves_the_numbers_the_right_way(smollm2):
     assert s["fluency"] > 0 and s["consistency"] is not None
     # Scoring a case costs less than editing it.
     assert s["eval_seconds"] < s["edit_seconds"]
+
+
+def test_results_read_back_from_json(tmp_path):
+    runs = [
+        EvaluationResult(
+            "rome",
+            "single",
+            {"layer": 1},
+            {"reliability_tf": 0.5},
+            {"reliability_tf": 0.1},
+            [{"case_id": "0"}],
+        ),
+        EvaluationResult("grace", "sequential", {}, {"reliability_tf": 1.0}, {}, [], [{"edits": 1}]),
+    ]
+    write_json(tmp_path / "one.json", runs[:1], {"model": "tiny"})
+    write_json(tmp_path / "two.json", runs)
+    assert read_json(tmp_path / "one.json") == runs[:1]  # the meta fields are not part of a run
+    assert read_json(tmp_path / "two.json") == runs

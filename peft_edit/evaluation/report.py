@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -52,6 +53,15 @@ def write_json(path: str | os.PathLike, results: Sequence[EvaluationResult], met
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results_json(results, meta), indent=1))
     return path
+
+
+def read_json(path: str | os.PathLike) -> list[EvaluationResult]:
+    """The runs of a file written by :func:`write_json` (its meta fields left out)."""
+    data = json.loads(Path(path).read_text())
+    names = {f.name for f in dataclasses.fields(EvaluationResult)}
+    return [
+        EvaluationResult(**{k: v for k, v in run.items() if k in names}) for run in data.get("runs", [data])
+    ]
 
 
 def require_matplotlib():
