@@ -42,7 +42,7 @@ from peft_edit.cli import load_model, parse_overrides
 from peft_edit.data import load_cases
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.evaluation.report import format_table, plot_results, read_json, write_json
-from peft_edit.registration import EDIT_METHODS, edit_method_config
+from peft_edit.registration import EDIT_METHODS
 
 SETS = {
     # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
@@ -64,7 +64,7 @@ def held_out_unrelated_texts(cases, evaluated: int, count: int) -> list[str]:
 
 def with_unrelated_texts(method: str, overrides: dict, texts: list[str]) -> dict:
     """``overrides`` plus ``unrelated_texts`` for methods that have the field (unless set already)."""
-    fields = {f.name for f in dataclasses.fields(edit_method_config(method))}
+    fields = {f.name for f in dataclasses.fields(EDIT_METHODS[method])}
     if not texts or "unrelated_texts" not in fields or "unrelated_texts" in overrides:
         return overrides
     return {**overrides, "unrelated_texts": texts}
@@ -170,7 +170,7 @@ def report(name: str, results, output_dir: Path) -> None:
         print_curve(r)
         s = r.summary
         print(
-            f"{r.method}: {r.summary['cases']} cases, {s['seconds_per_edit']:.2f} s per edit, "
+            f"{r.method}: {s['cases']} cases, {s['seconds_per_edit']:.2f} s per edit, "
             f"adapter {s['adapter_kb']:.0f} KB on disk, peak RSS {s['peak_rss_mb']:.0f} MB"
         )
     print(f"wrote {', '.join(str(c) for c in charts)}")

@@ -103,3 +103,17 @@ def test_one_patch_per_target_token_and_the_ledger_gives_each_edit_its_neurons(t
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
     loaded = edited_layer(reloaded)
     assert torch.equal(loaded.tp_keys["default"], layer.tp_keys["default"])
+
+
+def test_per_token_masks_mark_one_position_per_row_and_cover_the_predicting_mask():
+    from peft_edit.tuners.site_training import build_target_rows
+
+    _, tokenizer = tiny_model_and_tokenizer("llama")
+    rows = build_target_rows(tokenizer, REQUESTS[:1], ["{}", "Hello. {}"])
+    masks = rows.predicting_mask_per_token()
+    n_tokens = len(tokenize_continuation(tokenizer, REQUESTS[0].filled_prompt, REQUESTS[0].target_new)[1])
+    assert masks.shape[0] == n_tokens
+    assert (masks.sum(-1) == 1).all()  # each token predicted once in every row
+    assert torch.equal(masks.any(0), rows.predicting_mask())
+    with pytest.raises(ValueError, match="single request"):
+        build_target_rows(tokenizer, REQUESTS[:2], ["{}"]).predicting_mask_per_token()

@@ -97,6 +97,20 @@ class TargetRows:
                 mask[r, pos] = True
         return mask
 
+    def predicting_mask_per_token(self) -> torch.Tensor:
+        """(target tokens, rows, T) bool: where the j-th target token is predicted.
+
+        For rows of one request (all rows then share its target tokens); their union over tokens
+        is :meth:`predicting_mask`.
+        """
+        if len(set(self.request_of)) != 1:
+            raise ValueError("Per-token masks need the rows of a single request.")
+        masks = torch.zeros(len(self.predicts[0]), *self.batch.attention_mask.shape, dtype=torch.bool)
+        for r, pairs in enumerate(self.predicts):
+            for j, (pos, _token) in enumerate(pairs):
+                masks[j, r, pos] = True
+        return masks.to(self.batch.attention_mask.device)
+
 
 def build_target_rows(
     tokenizer,

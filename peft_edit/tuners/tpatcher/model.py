@@ -35,8 +35,9 @@ class TPatcherTuner(WrappedTuner):
 
         templates = context_templates(self.model, tokenizer, config)
         rows = build_target_rows(tokenizer, [request], templates, device=device)
-        predicting = rows.predicting_mask()
-        own = _positions_per_target_token(rows)  # (patches, rows, T)
+        # One patch per target token: a patch adds one value vector, which can push one token only.
+        own = rows.predicting_mask_per_token()  # (patches, rows, T)
+        predicting = own.any(0)
         earlier = [EditRequest.from_dict(r) for e in config.edits for r in e["requests"]][-MAX_OTHER_EDITS:]
         texts = list(config.unrelated_texts or UNRELATED_TEXTS) + [r.filled_prompt for r in earlier]
         memory_per_text = cached_site_inputs(self.model, config.layer, layer, tokenizer, texts)
@@ -118,18 +119,3 @@ class TPatcherTuner(WrappedTuner):
             )
         keys = seen["keys"]
         return keys.reshape(batch.input_ids.shape[0], -1, keys.shape[-1]).float()
-
-
-def _positions_per_target_token(rows) -> torch.Tensor:
-    """(target tokens, rows, T) bool: where each of the edit's target tokens is predicted.
-
-    One patch per target token: a patch adds one value vector, which can push one token only.
-    """
-    n_tokens = len(rows.predicts[0])
-    masks = torch.zeros(
-        n_tokens, *rows.batch.attention_mask.shape, dtype=torch.bool, device=rows.batch.input_ids.device
-    )
-    for r, pairs in enumerate(rows.predicts):
-        for j, (pos, _token) in enumerate(pairs):
-            masks[j, r, pos] = True
-    return masks
