@@ -9,7 +9,8 @@ For each data set the unedited model's probe outputs are computed once (all case
 pass; its time is reported as ``reference_seconds``) and shared by every method and protocol.
 Writes ``benchmarks/results/eval_<data>_<protocol>.json`` (one run per method) and prints one
 markdown table per data set and protocol, followed by how the time was spent: editing, scoring
-the edited model, and scoring the unedited one.
+the edited model, and scoring the unedited one. Methods can be run separately: a run replaces
+the file's run of the same method and keeps those of other methods on the same number of cases.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from peft_edit.cli import load_model, parse_overrides
 from peft_edit.data import load_cases, load_piqa
 from peft_edit.evaluation import PROTOCOLS, ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.evaluation.piqa import sample_questions
-from peft_edit.evaluation.report import format_table, write_json
+from peft_edit.evaluation.report import format_table, read_json, write_json
 from peft_edit.registration import EDIT_METHODS
 
 SETS = {
@@ -83,6 +84,7 @@ def main() -> None:
                 "device": device_description(model.device),
             }
             path = args.output_dir / f"eval_{name}_{protocol}.json"
+            kept = earlier_runs(path, exclude=methods, cases=len(cases))
             results = []
             for method in methods:
                 results.append(
@@ -99,7 +101,9 @@ def main() -> None:
                         reference=reference,
                     )
                 )
-                write_json(path, results, meta)  # after every method: a stopped run keeps what it finished
+                # After every method: a stopped run keeps what it finished.
+                write_json(path, sorted(kept + results, key=lambda r: r.method), meta)
+            results = sorted(kept + results, key=lambda r: r.method)
             print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")
             print(format_table(results))
             print(
@@ -112,6 +116,21 @@ def main() -> None:
                     f"scoring the edited model {s['eval_seconds']:.1f} s"
                 )
             print(f"wrote {path}")
+
+
+def earlier_runs(path: Path, exclude: list[str], cases: int) -> list:
+    """The runs already in ``path`` of methods other than ``exclude``, scored on ``cases`` cases."""
+    if not path.exists():
+        return []
+    kept = []
+    for run in read_json(path):
+        if run.method in exclude:
+            continue
+        if run.summary.get("cases") == cases:
+            kept.append(run)
+        else:
+            print(f"dropping {run.method}'s run from {path}: {run.summary.get('cases')} cases, not {cases}")
+    return kept
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from tiny_models import tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, get_edited_model
 from peft_edit.requests import tokenize_continuation
-from peft_edit.tuners.tpatcher.algorithm import activation_loss, initial_patch, key_direction, memory_loss
+from peft_edit.tuners.tpatcher.algorithm import (
+    activation_loss,
+    as_plain_neurons,
+    initial_patch,
+    key_direction,
+    memory_loss,
+    patch_activation,
+)
 from peft_edit.tuners.tpatcher.layer import TPatcherLayer
 
 REQUESTS = [
@@ -68,6 +75,20 @@ def test_initial_patch_still_points_the_right_way_when_not_separable():
 
 
 @torch.no_grad()
+def test_a_patch_is_silent_below_its_firing_threshold_and_stored_as_a_plain_neuron():
+    torch.manual_seed(0)
+    keys, bias, queries = torch.randn(3, 8), torch.randn(3), torch.randn(50, 8)
+    pre = queries @ keys.T + bias
+    shifted = patch_activation(pre, 0.5)
+    assert torch.all(shifted[pre <= 0.5] == 0) and torch.all(shifted[pre > 0.5] > 0)
+    assert torch.allclose(
+        patch_activation(torch.tensor([1.0]), 0.5), torch.tensor([1.0])
+    )  # the edit's margin
+    assert torch.equal(patch_activation(pre, 0.0), torch.relu(pre))  # the paper's ReLU
+    plain_keys, plain_bias = as_plain_neurons(keys, bias, 0.5)
+    assert torch.allclose(torch.relu(queries @ plain_keys.T + plain_bias), shifted, atol=1e-6)
+
+
 def test_a_patch_changes_only_the_tokens_where_it_fires():
     layer = TPatcherLayer(torch.nn.Linear(4, 3), "default", 0)
     key = torch.tensor([1.0, 0.0, 0.0, 0.0])

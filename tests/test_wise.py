@@ -17,7 +17,7 @@ from peft import PeftModel
 from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
-from peft_edit.tuners.wise.algorithm import running_mean_gaps, ties_merge
+from peft_edit.tuners.wise.algorithm import margin_loss, running_mean_gaps, ties_merge
 from peft_edit.tuners.wise.layer import RoutingContext, WiseLayer
 from peft_edit.tuners.wrapped import CannotMergeError
 
@@ -270,6 +270,22 @@ def test_router_ignores_padding():
         layer.routing.attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
         with_padding = layer(padded)
     torch.testing.assert_close(with_padding[:, 2:], plain)
+
+
+def test_margins_hold_only_once_unrelated_gaps_are_below_alpha_on_average():
+    edit = torch.tensor([5.0, 6.0])
+    # Edit above beta and apart by gamma, but unrelated text averages above alpha: keep training.
+    loss, holds = margin_loss(edit, torch.tensor([0.5, 2.5]), alpha=1.0, beta=4.0, gamma=2.0)
+    assert not holds and loss.item() == pytest.approx(0.75)
+    # One unrelated token above alpha is tolerated when their mean is below it.
+    loss, holds = margin_loss(edit, torch.tensor([0.2, 0.2, 1.5]), alpha=1.0, beta=4.0, gamma=2.0)
+    assert holds and loss.item() > 0
+    # The weight scales the unrelated term only.
+    weighted, _ = margin_loss(edit, torch.tensor([0.5, 2.5]), 1.0, 4.0, 2.0, unrelated_weight=10.0)
+    assert weighted.item() == pytest.approx(7.5)
+    # An edit below beta never holds.
+    _, holds = margin_loss(torch.tensor([3.0]), torch.tensor([0.1]), 1.0, 4.0, 2.0)
+    assert not holds
 
 
 def test_ties_merge_keeps_agreeing_entries_and_averages_overlaps():

@@ -50,6 +50,14 @@ class TPatcherConfig(SiteTrainingConfig, KeyStatisticsConfig):
             "higher is more specific."
         },
     )
+    fire_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "A patch adds its value only where its pre-activation exceeds this, in units where the "
+            "training puts the edit at 1 and unrelated text at -1; 0 is the paper's plain ReLU. Stray firings "
+            "on unseen text are mostly weak, and with hundreds of patches they add up."
+        },
+    )
     key_ridge: float = field(
         default=0.01,
         metadata={
@@ -71,6 +79,8 @@ class TPatcherConfig(SiteTrainingConfig, KeyStatisticsConfig):
         super().__post_init__()
         if not 0 < self.boundary < 1:
             raise ValueError(f"TPatcherConfig.boundary must be in (0, 1), got {self.boundary}.")
+        if not 0 <= self.fire_threshold < 1:
+            raise ValueError(f"TPatcherConfig.fire_threshold must be in [0, 1), got {self.fire_threshold}.")
         if self.key_ridge <= 0:
             raise ValueError(f"TPatcherConfig.key_ridge must be positive, got {self.key_ridge}.")
         if self.activation_weight < 0 or self.memory_weight < 0:

@@ -15,7 +15,14 @@ from ..site_training import (
     train_added_output,
 )
 from ..wrapped import WrappedTuner
-from .algorithm import activation_loss, initial_patch, key_direction, memory_loss
+from .algorithm import (
+    activation_loss,
+    as_plain_neurons,
+    initial_patch,
+    key_direction,
+    memory_loss,
+    patch_activation,
+)
 from .config import TPatcherConfig
 from .layer import TPatcherLayer
 
@@ -76,8 +83,10 @@ class TPatcherTuner(WrappedTuner):
         def pre_activation(keys):  # (..., in) -> (..., patches)
             return torch.stack([keys @ d for d in directions], -1) * scales + bias
 
+        threshold = config.fire_threshold
+
         def added_output(x):
-            return torch.relu(pre_activation(x)) @ (values * value_unit)
+            return patch_activation(pre_activation(x), threshold) @ (values * value_unit)
 
         def patch_losses(x, _added):
             pre = pre_activation(x)
@@ -104,8 +113,8 @@ class TPatcherTuner(WrappedTuner):
             done=lambda: state["fires_only_where_it_should"],
         )
         with torch.no_grad():
-            keys = torch.stack(directions) * scales[:, None]
-            return {target: (keys.detach(), bias.detach(), (values * value_unit).detach())}
+            keys, biases = as_plain_neurons(torch.stack(directions) * scales[:, None], bias, threshold)
+            return {target: (keys, biases, (values * value_unit).detach())}
 
     def _row_keys(self, layer, rows) -> torch.Tensor:
         """The patched projection's input in the training rows, (rows, T, in)."""

@@ -35,20 +35,27 @@ def running_mean_gaps(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def margin_loss(
-    edit_gaps: torch.Tensor, unrelated_gaps: torch.Tensor, alpha: float, beta: float, gamma: float
+    edit_gaps: torch.Tensor,
+    unrelated_gaps: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    unrelated_weight: float = 1.0,
 ) -> tuple[torch.Tensor, bool]:
     """The paper's routing loss: unrelated gaps below α, edit gaps above β, and apart by at least γ.
 
-    Also returns whether the edit's side holds (gaps above β, apart by γ): unrelated gaps rarely
-    all reach α, and waiting for them would only grow the memory.
+    Also returns whether the margins hold: edit gaps above β, apart by γ, and the unrelated gaps
+    below α on average (a few unrelated tokens above α are tolerated; requiring all of them would
+    only grow the memory). ``unrelated_weight`` weighs the first term: with unit weight the
+    target's likelihood wins, and the side memory learns a change that fires on every text.
     """
     zero = edit_gaps.new_zeros(())
     low = torch.relu(unrelated_gaps - alpha).mean() if unrelated_gaps.numel() else zero
+    quiet = unrelated_gaps.mean() if unrelated_gaps.numel() else zero
     high = torch.relu(beta - edit_gaps).mean()
-    apart = torch.relu(
-        gamma - (edit_gaps.mean() - (unrelated_gaps.mean() if unrelated_gaps.numel() else zero))
-    )
-    return low + high + apart, bool(high.item() == 0 and apart.item() == 0)
+    apart = torch.relu(gamma - (edit_gaps.mean() - quiet))
+    holds = high.item() == 0 and apart.item() == 0 and quiet.item() <= alpha
+    return unrelated_weight * low + high + apart, holds
 
 
 def ties_merge(deltas: torch.Tensor, density: float) -> torch.Tensor:

@@ -66,7 +66,20 @@ class WiseConfig(SiteTrainingConfig):
         default=0.3,
         metadata={"help": "Edit gaps must exceed unrelated gaps by this much (times the mean output norm)."},
     )
-    num_steps: int = field(default=25, metadata={"help": "Optimisation steps per edit."})
+    irrelevant_weight: float = field(
+        default=10.0,
+        metadata={
+            "help": "Weight of the loss that keeps gaps on unrelated text below irrelevant_margin. At 1 the "
+            "target's likelihood wins and the memory fires on any question (SmolLM2: 90% of unseen questions "
+            "routed after 25 edits, 52% at 10)."
+        },
+    )
+    num_steps: int = field(
+        default=60,
+        metadata={
+            "help": "Most optimisation steps per edit (it stops once the target and the margins are met)."
+        },
+    )
     lr: float = field(
         default=1.0,
         metadata={
@@ -91,6 +104,8 @@ class WiseConfig(SiteTrainingConfig):
             raise ValueError("WiseConfig.mask_ratio and merge_density must be in (0, 1].")
         if not 0 < self.act_ratio <= 1:
             raise ValueError(f"WiseConfig.act_ratio must be in (0, 1], got {self.act_ratio}.")
+        if self.irrelevant_weight < 0:
+            raise ValueError(f"WiseConfig.irrelevant_weight must be >= 0, got {self.irrelevant_weight}.")
         if self.edit_margin <= self.irrelevant_margin:
             raise ValueError("WiseConfig.edit_margin must be larger than irrelevant_margin.")
 

@@ -115,7 +115,9 @@ class WiseTuner(WrappedTuner):
         def routing_loss(x, added):
             edit_gaps = running_mean_gaps(added.norm(dim=-1), valid)[predicting]
             unrelated_gaps = token_gaps(unrelated, side_delta())
-            loss, satisfied["margins"] = margin_loss(edit_gaps, unrelated_gaps, alpha, beta, gamma)
+            loss, satisfied["margins"] = margin_loss(
+                edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight
+            )
             # In units of the projection's output norm, like the margins, so it weighs as much as the NLL.
             return loss / scale
 
