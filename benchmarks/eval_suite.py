@@ -101,15 +101,14 @@ def main() -> None:
                         reference=reference,
                     )
                 )
-                # After every method: a stopped run keeps what it finished.
-                write_json(path, sorted(kept + results, key=lambda r: r.method), meta)
-            results = sorted(kept + results, key=lambda r: r.method)
+                runs = sorted(kept + results, key=lambda r: r.method)
+                write_json(path, runs, meta)  # after every method: a stopped run keeps what it finished
             print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")
-            print(format_table(results))
+            print(format_table(runs))
             print(
                 f"\nunedited model, all probes of all {len(cases)} cases batched: {reference.seconds:.1f} s"
             )
-            for r in results:
+            for r in runs:
                 s = r.summary
                 print(
                     f"{r.method}: editing {s['edit_seconds']:.1f} s ({s['seconds_per_edit']:.2f} s per edit), "

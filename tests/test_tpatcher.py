@@ -74,21 +74,20 @@ def test_initial_patch_still_points_the_right_way_when_not_separable():
     assert activation_loss(pre(edit)) > 0 or memory_loss(pre(memory)) > 0  # left to training
 
 
-@torch.no_grad()
 def test_a_patch_is_silent_below_its_firing_threshold_and_stored_as_a_plain_neuron():
     torch.manual_seed(0)
     keys, bias, queries = torch.randn(3, 8), torch.randn(3), torch.randn(50, 8)
     pre = queries @ keys.T + bias
     shifted = patch_activation(pre, 0.5)
     assert torch.all(shifted[pre <= 0.5] == 0) and torch.all(shifted[pre > 0.5] > 0)
-    assert torch.allclose(
-        patch_activation(torch.tensor([1.0]), 0.5), torch.tensor([1.0])
-    )  # the edit's margin
+    # At the edit's margin (s = 1) a patch gives what the paper's ReLU gives there.
+    assert torch.allclose(patch_activation(torch.tensor([1.0]), 0.5), torch.tensor([1.0]))
     assert torch.equal(patch_activation(pre, 0.0), torch.relu(pre))  # the paper's ReLU
     plain_keys, plain_bias = as_plain_neurons(keys, bias, 0.5)
     assert torch.allclose(torch.relu(queries @ plain_keys.T + plain_bias), shifted, atol=1e-6)
 
 
+@torch.no_grad()
 def test_a_patch_changes_only_the_tokens_where_it_fires():
     layer = TPatcherLayer(torch.nn.Linear(4, 3), "default", 0)
     key = torch.tensor([1.0, 0.0, 0.0, 0.0])
