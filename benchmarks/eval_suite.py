@@ -10,7 +10,8 @@ pass; its time is reported as ``reference_seconds``) and shared by every method 
 Writes ``benchmarks/results/eval_<data>_<protocol>.json`` (one run per method) and prints one
 markdown table per data set and protocol, followed by how the time was spent: editing, scoring
 the edited model, and scoring the unedited one. Methods can be run separately: a run replaces
-the file's run of the same method and keeps those of other methods on the same number of cases.
+the file's run of the same method and keeps those of other methods on the same number of cases,
+including runs written by another invocation while this one was running.
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ def main() -> None:
                 "device": device_description(model.device),
             }
             path = args.output_dir / f"eval_{name}_{protocol}.json"
-            kept = earlier_runs(path, exclude=methods, cases=len(cases))
             results = []
             for method in methods:
                 results.append(
@@ -101,6 +101,9 @@ def main() -> None:
                         reference=reference,
                     )
                 )
+                # The file is read again before each write, so that runs of other methods written
+                # meanwhile (by another invocation on other methods) are kept.
+                kept = earlier_runs(path, exclude=[r.method for r in results], cases=len(cases))
                 runs = sorted(kept + results, key=lambda r: r.method)
                 write_json(path, runs, meta)  # after every method: a stopped run keeps what it finished
             print(f"\n### {name}, {len(cases)} cases, {protocol} protocol\n")

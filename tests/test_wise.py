@@ -288,6 +288,15 @@ def test_margins_hold_only_once_unrelated_gaps_are_below_alpha_on_average():
     assert not holds
 
 
+def test_by_default_every_full_shard_is_a_memory_of_its_own():
+    # Merging is opt-in: merged shards routed unrelated text more often (README, WISE section).
+    config = WiseConfig()
+    assert config.placement(9) == (0, 0, 9)
+    assert config.placement(10) == (1, 0, 0)
+    merging = WiseConfig(shards_per_memory=2)
+    assert merging.placement(10) == (0, 1, 0) and merging.placement(20) == (1, 0, 0)
+
+
 def test_ties_merge_keeps_agreeing_entries_and_averages_overlaps():
     a = torch.tensor([[1.0, 0.0, -2.0, 0.5]])
     b = torch.tensor([[0.0, 3.0, 2.0, 0.5]])

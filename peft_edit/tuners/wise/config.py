@@ -32,9 +32,13 @@ class WiseConfig(SiteTrainingConfig):
         metadata={"help": "Edits written into one shard (one random subspace) before the next shard starts."},
     )
     shards_per_memory: int = field(
-        default=2,
+        default=1,
         metadata={
-            "help": "Shards Ties-merged into one side memory once all of them are full (1: never merge)."
+            "help": "Shards Ties-merged into one side memory once all of them are full (1: never merge; "
+            "the paper merges). Merging halves the memories held, but on SmolLM2 after 50 zsRE edits it "
+            "cost locality: 0.69 teacher-forced (greedy 0.44) with 2, against 0.85 (0.78) with 1, as "
+            "the merged memory's gaps on unrelated text add up while its threshold still comes from its "
+            "edits' smallest gap."
         },
     )
     mask_ratio: float = field(
@@ -42,7 +46,12 @@ class WiseConfig(SiteTrainingConfig):
         metadata={"help": "Fraction of the projection's entries a shard may change (its subspace)."},
     )
     merge_density: float = field(
-        default=0.53, metadata={"help": "Ties merging keeps this fraction of each shard's largest changes."}
+        default=0.53,
+        metadata={
+            "help": "Ties merging keeps this fraction of the projection's entries in each shard, the largest "
+            "changes first (the paper's value). The fraction counts every entry, as the paper's code does, so "
+            "at or above mask_ratio a shard's whole subspace is kept."
+        },
     )
     act_ratio: float = field(
         default=0.88,
