@@ -102,6 +102,18 @@ def test_greedy_batches_mixed_lengths_like_one_at_a_time():
         assert got == greedy_continuations(model, tokenizer, [prompt], n)[0]
 
 
+def test_generation_batches_group_similar_token_needs():
+    from peft_edit.evaluation.metrics import GENERATION_SLACK_TOKENS, _generation_batches
+
+    needs = [2, 40, 4, 100, 30, 2, 2]
+    batches = _generation_batches(needs, prompt_lengths=[5] * len(needs), batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(needs)))
+    assert batches == [[0, 5, 6], [2], [4, 1], [3]]  # short first; the batch of three is full
+    for b in batches:
+        shortest = min(needs[i] for i in b)
+        assert max(needs[i] for i in b) - shortest <= max(GENERATION_SLACK_TOKENS, shortest // 2)
+
+
 def test_batches_keep_logits_under_the_budget():
     from peft_edit.evaluation.metrics import LOGIT_POSITIONS_PER_BATCH, _length_batches
 

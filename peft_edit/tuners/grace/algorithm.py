@@ -85,8 +85,8 @@ def optimise_value(
                 loss = -(token_logp * loss_weights).sum()
                 if loss.item() < best_loss:
                     best_loss, best_value = loss.item(), value.detach().clone()
-                # Done once every target token is likely enough to be the greedy choice with a margin;
-                # a mean-loss threshold would keep polishing short targets and rarely stop long ones.
+                # Done once every target token is likely enough to be the greedy choice; a mean-loss
+                # threshold would keep polishing short targets and rarely stop long ones.
                 if token_logp.min().item() > stop_logp:
                     best_loss, best_value = loss.item(), value.detach().clone()
                     break
