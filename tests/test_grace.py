@@ -122,6 +122,19 @@ def test_the_same_prompt_edited_again_overwrites_its_entry():
     assert layer.grace_values["default"][0].tolist() == [5.0] * 3
 
 
+def test_radii_keep_clear_of_bystander_keys():
+    layer = layer_with([[0.0, 0.0], [10.0, 0.0]], [1.0, 1.0], [1, 2])
+    bystanders = [torch.tensor([[1.2, 0.0]]), torch.tensor([[0.0, 5.0], [10.0, 0.4]])]
+    layer.keep_clear_of("default", bystanders)
+    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
+    out = layer(torch.tensor([[1.2, 0.0], [10.0, 0.4], [0.5, 0.0]]))
+    own = layer.base_layer(torch.tensor([[1.2, 0.0], [10.0, 0.4]]))
+    assert torch.equal(out[:2], own)  # the bystanders pass through
+    assert out[2].tolist() == [1.0] * 3  # what is nearer the key than they are is still answered
+    layer.keep_clear_of("default", [torch.tensor([[0.0, 3.0]])])  # a farther one shrinks nothing
+    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
+
+
 # ---------------------------------------------------------------------------- the adapter
 def test_each_edit_is_emitted_and_the_ledger_names_its_entry(edited, llama):
     _, tokenizer = llama
@@ -131,6 +144,34 @@ def test_each_edit_is_emitted_and_the_ledger_names_its_entry(edited, llama):
         assert list(edited.ledger[i]["modules"].values()) == [[i, i + 1]]
     labels = edited.base_model.codebook()["labels"].tolist()
     assert labels == [target_label(r.target_new) for r in REQUESTS[:3]]
+
+
+def test_no_entry_reaches_an_edited_row_but_at_its_own_position(llama):
+    # Each value was optimised with the rest of its row (earlier prompt tokens, target tokens)
+    # passing through; an entry reaching one of those positions would undo the edit. A row that
+    # repeats its last word and a wide radius make such positions likely.
+    from peft_edit.requests import tokenize_continuation
+
+    _, tokenizer = llama
+    requests = [
+        EditRequest(prompt="{} is in the city of the city of", subject="Big Ben", target_new="Rome of Rome")
+    ]
+    edited = get_edited_model(
+        tiny_model("llama"), GraceConfig(init_radius=0.9, **FAST), requests, tokenizer, progress=False
+    )
+    (layer,) = [m for m in edited.modules() if isinstance(m, GraceLayer)]
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0][0]))
+    try:
+        for request in requests:
+            prompt, target = tokenize_continuation(tokenizer, request.filled_prompt, request.target_new)
+            with torch.no_grad():
+                edited(input_ids=torch.tensor([prompt + target[:-1]]))
+            distance, index = layer.nearest("default", seen["x"])
+            hits = (distance <= layer.grace_radii["default"][index]).nonzero().flatten().tolist()
+            assert hits == [len(prompt) - 1], request
+    finally:
+        handle.remove()
 
 
 def test_generation_with_and_without_the_kv_cache_agree(edited, llama):

@@ -8,7 +8,7 @@ method-specific term decides where the change acts. What they share lives here:
 * :func:`build_target_rows`: the token rows of a set of requests (prompt + target, with and
   without prefixes) and which positions predict which target token;
 * :func:`site_inputs`: the projection's inputs ("keys") at every token of some texts, the forward
-  stopped right after the projection;
+  stopped right after the projection (GRACE uses them too, to keep its radii off edited prompts);
 * :func:`train_added_output`: the optimisation loop. Blocks below the site are run once and
   replayed (:class:`~peft_edit.edit_site.EditSiteRunner`), and gradients reach only the method's
   own tensors.
@@ -140,13 +140,20 @@ def build_target_rows(
 # ---------------------------------------------------------------------------------------- keys
 def site_inputs(model: nn.Module, site: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16):
     """The site's input at every real token of each text: a list of (tokens, in) float tensors."""
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    return token_site_inputs(model, site, rows, pad_token_id(tokenizer), batch_size)
+
+
+def token_site_inputs(
+    model: nn.Module, site: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16
+):
+    """:func:`site_inputs` of rows already tokenized."""
     device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
     out: list[torch.Tensor] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(t)["input_ids"] for t in texts[start : start + batch_size]]
+    for start in range(0, len(rows), batch_size):
+        encoded = [list(r) for r in rows[start : start + batch_size]]
         width = max(len(e) for e in encoded)
-        input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
+        input_ids = torch.tensor([e + [pad_id] * (width - len(e)) for e in encoded], device=device)
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
         seen, _ = capture(
             lambda input_ids=input_ids, mask=mask: model(
@@ -159,21 +166,30 @@ def site_inputs(model: nn.Module, site: nn.Module, tokenizer, texts: Sequence[st
     return out
 
 
-# Per base model and layer: keys of texts seen before (unrelated texts, earlier edits' prompts).
+# Per base model: keys of token rows seen before (unrelated texts, earlier edits' prompts), by layer.
 _KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_site_inputs(model: nn.Module, layer: int, site: nn.Module, tokenizer, texts: Sequence[str]):
-    """:func:`site_inputs`, remembering each text's keys per model and layer.
+    """:func:`site_inputs`, remembering each text's keys per model and layer."""
+    rows = [tuple(tokenizer(t)["input_ids"]) for t in texts]
+    return cached_token_site_inputs(model, layer, site, rows, pad_token_id(tokenizer))
+
+
+def cached_token_site_inputs(
+    model: nn.Module, layer: int, site: nn.Module, rows: Sequence[Sequence[int]], pad_id: int
+):
+    """:func:`token_site_inputs`, remembering each row's keys per model and layer.
 
     Valid because the keys depend only on the weights below the site, which editing never changes.
     """
     cache = _KEYS.setdefault(model, {})
-    missing = list(dict.fromkeys(t for t in texts if (layer, t) not in cache))
+    rows = [tuple(r) for r in rows]
+    missing = list(dict.fromkeys(r for r in rows if (layer, r) not in cache))
     if missing:
-        for text, keys in zip(missing, site_inputs(model, site, tokenizer, missing)):
-            cache[(layer, text)] = keys
-    return [cache[(layer, t)] for t in texts]
+        for row, keys in zip(missing, token_site_inputs(model, site, missing, pad_id)):
+            cache[(layer, row)] = keys
+    return [cache[(layer, r)] for r in rows]
 
 
 # ------------------------------------------------------------------------------------ training

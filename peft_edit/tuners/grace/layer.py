@@ -16,6 +16,7 @@ stored one (the same prompt edited again) overwrites that entry.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,21 @@ class Placement:
     index: int | None = None
     distance: float | None = None
     margin: float = 0.0
+
+
+def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor]) -> torch.Tensor:
+    """For each of ``keys`` (n, in), the largest radius that stays clear of every bystander key:
+    half the distance to the nearest (as a split leaves half the way to a key that answers
+    differently); infinite when there are none."""
+    present = [b for b in bystanders if len(b)]
+    if not present:
+        return torch.full((keys.shape[0],), float("inf"), device=keys.device)
+    others = torch.cat(present).float().to(keys.device)
+    return torch.cdist(keys.float(), others).min(dim=-1).values / 2
+
+
+def clear_radius(key: torch.Tensor, bystanders: Sequence[torch.Tensor]) -> float:
+    return float(clear_radii(key[None], bystanders)[0])
 
 
 class GraceLayer(WrappedLayer):
@@ -139,8 +155,38 @@ class GraceLayer(WrappedLayer):
         value: torch.Tensor,
         radius: float,
         label: int,
+        bystanders: Sequence[torch.Tensor] = (),
     ) -> tuple[int, int]:
-        """Carry out ``placement``; return the entry that now answers this edit, as a slice [i, i + 1)."""
+        """Carry out ``placement``, then :meth:`keep_clear_of` the edit's ``bystanders``; return the
+        entry that now answers this edit, as a slice [i, i + 1)."""
+        answering = self._place(adapter_name, placement, key, value, radius, label)
+        self.keep_clear_of(adapter_name, bystanders)
+        return answering
+
+    @torch.no_grad()
+    def keep_clear_of(self, adapter_name: str, bystanders: Sequence[torch.Tensor]) -> None:
+        """Shrink every radius to :func:`clear_radius` of the bystander keys.
+
+        Bystanders are the positions of an edited row other than its own: its prompt's earlier
+        tokens and its target's. Its value was optimised with them passing through; an entry that
+        reached one would change the context the value was made for. A long prompt's earlier
+        sentence ends, for instance, sit as close to its last token as paraphrases do (SmolLM2,
+        hallucination corrections: 19 of 22 teacher-forced misses after 60 edits came from an
+        entry, the edit's own or another's, replacing an earlier prompt position).
+        """
+        radii = self.grace_radii[adapter_name]
+        if radii.shape[0]:
+            radii.copy_(torch.minimum(radii, clear_radii(self.grace_keys[adapter_name], bystanders).to(radii)))
+
+    def _place(
+        self,
+        adapter_name: str,
+        placement: Placement,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        radius: float,
+        label: int,
+    ) -> tuple[int, int]:
         keys, values = self.grace_keys[adapter_name], self.grace_values[adapter_name]
         radii, labels = self.grace_radii[adapter_name], self.grace_labels[adapter_name]
         if key.shape[-1] != keys.shape[1] or value.shape[-1] != values.shape[1]:

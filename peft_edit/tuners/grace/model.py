@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from ...requests import EditRequest, pad_token_id, tokenize_continuation
+from ..site_training import cached_token_site_inputs
 from ..wrapped import WrappedTuner
 from .algorithm import optimise_value
 from .config import GraceConfig
-from .layer import GraceLayer, target_label
+from .layer import GraceLayer, Placement, clear_radius, target_label
 
 
 def block_index(layers_path: str, module_name: str) -> int:
@@ -41,8 +42,19 @@ class GraceTuner(WrappedTuner):
         found = optimise_value(self.model, layout, block, layer, [row], pad_id, config)
         key = found.keys[0]
         norm = float(key.norm())
-        radius = config.init_radius * norm
+        # The value was optimised with every other position of the row left alone, so no entry may
+        # reach those positions, of this row or of an earlier edit's (see GraceLayer.keep_clear_of).
+        bystanders = self._bystander_keys(block, layer, [row], pad_id)
+        earlier = [r for entry in config.edits for r in map(EditRequest.from_dict, entry["requests"])]
+        earlier_rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in earlier]
+        every_bystander = bystanders + self._bystander_keys(block, layer, earlier_rows, pad_id)
+        radius = min(config.init_radius * norm, clear_radius(key, every_bystander))
         placement = layer.placement(adapter, key, label, radius, config.replace_tolerance * norm)
+        if placement.action == "expand":
+            stored = layer.entry(adapter, placement.index)["key"]
+            if placement.distance + placement.margin > clear_radius(stored, every_bystander):
+                # Widening the stored ball to this key would take in a bystander: a ball of its own instead.
+                placement = Placement("add", None, placement.distance)
         if placement.action == "expand":
             # The stored value is shared: optimise it again so it serves the prompts it was made for
             # and this one too (rarer than a new entry, so the first optimisation is not avoided).
@@ -50,7 +62,14 @@ class GraceTuner(WrappedTuner):
             rows = [row] + [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in shared]
             start = layer.entry(adapter, placement.index)["value"]
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
-        return {name: (placement, key, found.value, radius, label)}
+        return {name: (placement, key, found.value, radius, label, bystanders)}
+
+    def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
+        """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
+        was not optimised for, i.e. all of prompt + target but the prompt's last token."""
+        ids = [prompt + target[:-1] for prompt, target in rows]
+        keys = cached_token_site_inputs(self.model, block, layer, ids, pad_id) if ids else []
+        return [k[torch.arange(k.shape[0]) != len(prompt) - 1] for k, (prompt, _) in zip(keys, rows)]
 
     @staticmethod
     def prompts_of_entry(config: GraceConfig, module_name: str, index: int, label: int):
