@@ -125,13 +125,16 @@ def test_the_same_prompt_edited_again_overwrites_its_entry():
 def test_radii_keep_clear_of_bystander_keys():
     layer = layer_with([[0.0, 0.0], [10.0, 0.0]], [1.0, 1.0], [1, 2])
     bystanders = [torch.tensor([[1.2, 0.0]]), torch.tensor([[0.0, 5.0], [10.0, 0.4]])]
-    layer.keep_clear_of("default", bystanders)
+    layer.keep_clear_of("default", bystanders, tolerance=1e-3)
     torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
     out = layer(torch.tensor([[1.2, 0.0], [10.0, 0.4], [0.5, 0.0]]))
     own = layer.base_layer(torch.tensor([[1.2, 0.0], [10.0, 0.4]]))
     assert torch.equal(out[:2], own)  # the bystanders pass through
     assert out[2].tolist() == [1.0] * 3  # what is nearer the key than they are is still answered
-    layer.keep_clear_of("default", [torch.tensor([[0.0, 3.0]])])  # a farther one shrinks nothing
+    layer.keep_clear_of("default", [torch.tensor([[0.0, 3.0]])], tolerance=1e-3)  # farther: no change
+    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
+    # A bystander at the key itself (an edited prompt that begins another edited row) is its context.
+    layer.keep_clear_of("default", [torch.tensor([[10.0, 0.0]])], tolerance=1e-3)
     torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
 
 

@@ -48,19 +48,25 @@ class Placement:
     margin: float = 0.0
 
 
-def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor]) -> torch.Tensor:
+def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor], tolerance: float) -> torch.Tensor:
     """For each of ``keys`` (n, in), the largest radius that stays clear of every bystander key:
     half the distance to the nearest (as a split leaves half the way to a key that answers
-    differently); infinite when there are none."""
+    differently); infinite when there are none.
+
+    A bystander within ``tolerance`` (a fraction of the key's norm, as ``replace_tolerance``) is
+    the key's own context, not a neighbour: an edit whose prompt begins another edited row (a
+    passage corrected sentence by sentence) answers there too, as it would with no radius at all.
+    """
     present = [b for b in bystanders if len(b)]
     if not present:
         return torch.full((keys.shape[0],), float("inf"), device=keys.device)
-    others = torch.cat(present).float().to(keys.device)
-    return torch.cdist(keys.float(), others).min(dim=-1).values / 2
+    distances = torch.cdist(keys.float(), torch.cat(present).float().to(keys.device))
+    same_context = distances <= tolerance * keys.float().norm(dim=-1, keepdim=True)
+    return distances.masked_fill(same_context, float("inf")).min(dim=-1).values / 2
 
 
-def clear_radius(key: torch.Tensor, bystanders: Sequence[torch.Tensor]) -> float:
-    return float(clear_radii(key[None], bystanders)[0])
+def clear_radius(key: torch.Tensor, bystanders: Sequence[torch.Tensor], tolerance: float) -> float:
+    return float(clear_radii(key[None], bystanders, tolerance)[0])
 
 
 class GraceLayer(WrappedLayer):
@@ -156,15 +162,16 @@ class GraceLayer(WrappedLayer):
         radius: float,
         label: int,
         bystanders: Sequence[torch.Tensor] = (),
+        tolerance: float = 0.0,
     ) -> tuple[int, int]:
         """Carry out ``placement``, then :meth:`keep_clear_of` the edit's ``bystanders``; return the
         entry that now answers this edit, as a slice [i, i + 1)."""
         answering = self._place(adapter_name, placement, key, value, radius, label)
-        self.keep_clear_of(adapter_name, bystanders)
+        self.keep_clear_of(adapter_name, bystanders, tolerance)
         return answering
 
     @torch.no_grad()
-    def keep_clear_of(self, adapter_name: str, bystanders: Sequence[torch.Tensor]) -> None:
+    def keep_clear_of(self, adapter_name: str, bystanders: Sequence[torch.Tensor], tolerance: float) -> None:
         """Shrink every radius to :func:`clear_radius` of the bystander keys.
 
         Bystanders are the positions of an edited row other than its own: its prompt's earlier
@@ -176,7 +183,8 @@ class GraceLayer(WrappedLayer):
         """
         radii = self.grace_radii[adapter_name]
         if radii.shape[0]:
-            radii.copy_(torch.minimum(radii, clear_radii(self.grace_keys[adapter_name], bystanders).to(radii)))
+            clear = clear_radii(self.grace_keys[adapter_name], bystanders, tolerance)
+            radii.copy_(torch.minimum(radii, clear.to(radii)))
 
     def _place(
         self,

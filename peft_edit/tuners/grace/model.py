@@ -48,11 +48,12 @@ class GraceTuner(WrappedTuner):
         earlier = [r for entry in config.edits for r in map(EditRequest.from_dict, entry["requests"])]
         earlier_rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in earlier]
         every_bystander = bystanders + self._bystander_keys(block, layer, earlier_rows, pad_id)
-        radius = min(config.init_radius * norm, clear_radius(key, every_bystander))
+        tolerance = config.replace_tolerance
+        radius = min(config.init_radius * norm, clear_radius(key, every_bystander, tolerance))
         placement = layer.placement(adapter, key, label, radius, config.replace_tolerance * norm)
         if placement.action == "expand":
             stored = layer.entry(adapter, placement.index)["key"]
-            if placement.distance + placement.margin > clear_radius(stored, every_bystander):
+            if placement.distance + placement.margin > clear_radius(stored, every_bystander, tolerance):
                 # Widening the stored ball to this key would take in a bystander: a ball of its own instead.
                 placement = Placement("add", None, placement.distance)
         if placement.action == "expand":
@@ -62,7 +63,7 @@ class GraceTuner(WrappedTuner):
             rows = [row] + [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in shared]
             start = layer.entry(adapter, placement.index)["value"]
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
-        return {name: (placement, key, found.value, radius, label, bystanders)}
+        return {name: (placement, key, found.value, radius, label, bystanders, tolerance)}
 
     def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
         """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
