@@ -186,15 +186,7 @@ class GraceLayer(WrappedLayer):
             clear = clear_radii(self.grace_keys[adapter_name], bystanders, tolerance)
             radii.copy_(torch.minimum(radii, clear.to(radii)))
 
-    def _place(
-        self,
-        adapter_name: str,
-        placement: Placement,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        radius: float,
-        label: int,
-    ) -> tuple[int, int]:
+    def _place(self, adapter_name: str, placement: Placement, key, value, radius: float, label: int):
         keys, values = self.grace_keys[adapter_name], self.grace_values[adapter_name]
         radii, labels = self.grace_radii[adapter_name], self.grace_labels[adapter_name]
         if key.shape[-1] != keys.shape[1] or value.shape[-1] != values.shape[1]:
