@@ -69,7 +69,7 @@ class GraceTuner(WrappedTuner):
         """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
         was not optimised for, i.e. all of prompt + target but the prompt's last token."""
         ids = [prompt + target[:-1] for prompt, target in rows]
-        keys = cached_token_site_inputs(self.model, block, layer, ids, pad_id) if ids else []
+        keys = cached_token_site_inputs(self.model, block, layer, ids, pad_id)
         return [k[torch.arange(k.shape[0]) != len(prompt) - 1] for k, (prompt, _) in zip(keys, rows)]
 
     @staticmethod
