@@ -15,7 +15,9 @@ of answer tokens that are the argmax) and by greedy generation (``_gen``: output
 the target; locality: output unchanged). Also reported: seconds per edit, the adapter's size on
 disk after the last edit, and the process's peak memory.
 
-Writes ``benchmarks/results/lifelong_<data>_<method>.json`` (each as its run ends) and
+Writes ``benchmarks/results/lifelong_<data>_<method>.json`` (each as its run ends; meanwhile
+``partial_lifelong_<data>_<method>.json`` holds every curve point scored so far, so an
+interrupted run of hours keeps what it measured) and
 ``benchmarks/results/lifelong/<data>/`` (``sequential.png``: every metric over the number of
 edits, for the methods of this invocation; ``metrics.png``), and prints a table per data set.
 Timings depend on the machine's load: the JSON records the load average and the number of
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -134,6 +137,7 @@ def main() -> None:
         reference = pre_edit_reference(model, tokenizer, cases, settings)
         results = []
         for method in args.methods:
+            progress = CurveProgress(args.output_dir / f"partial_lifelong_{name}_{method}.json", method, name)
             result = evaluate(
                 model,
                 tokenizer,
@@ -144,6 +148,7 @@ def main() -> None:
                 eval_every=args.eval_every,
                 generation_tokens=0,
                 reference=reference,
+                on_curve_point=progress.add,
             )
             results.append(result)
             meta = {
@@ -157,8 +162,29 @@ def main() -> None:
             }
             # One file per method and data set, written as soon as the run ends.
             path = write_json(args.output_dir / f"lifelong_{name}_{method}.json", [result], meta)
+            progress.remove()
             print(f"wrote {path}")
         report(name, results, args.output_dir)
+
+
+class CurveProgress:
+    """The curve points of a run in progress, rewritten to ``path`` after each one (whole or not at all)."""
+
+    def __init__(self, path: Path, method: str, data: str) -> None:
+        self.path, self.method, self.data, self.points = path, method, data, []
+
+    def add(self, point: dict) -> None:
+        self.points.append(point)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        unfinished = self.path.with_name(self.path.name + ".tmp")
+        unfinished.write_text(
+            json.dumps({"method": self.method, "data": self.data, "curve": self.points}, indent=1)
+        )
+        unfinished.replace(self.path)  # a rename: an interruption leaves the previous file intact
+
+    def remove(self) -> None:
+        """The run's own file is written: the progress file has served."""
+        self.path.unlink(missing_ok=True)
 
 
 def report(name: str, results, output_dir: Path) -> None:

@@ -325,11 +325,14 @@ def test_sequential_protocol_curve_points(tiny):
     reference = pre_edit_reference(
         model, tokenizer, cases, ScoreSettings(generation_tokens=4), progress=False
     )
+    seen = []
     result = evaluate(
-        model, tokenizer, cases, "rome", "sequential", eval_every=2, reference=reference, **SETTINGS
-    )
+        model, tokenizer, cases, "rome", "sequential", eval_every=2, reference=reference,
+        on_curve_point=seen.append, **SETTINGS,
+    )  # fmt: skip
     assert_state_unchanged(model, before)
     assert [p["cases"] for p in result.curve] == [2, 4, 5]
+    assert seen == result.curve  # each point handed over as it was scored
     assert [p["edits"] for p in result.curve] == [2, 4, 5]
     assert [r["case_id"] for r in result.records] == [c.case_id for c in cases]
     last = result.curve[-1]
@@ -360,6 +363,10 @@ def test_sequential_batches_of_edits(tiny):
     with pytest.raises(ValueError, match="sequential protocol"):
         evaluate(
             model, tokenizer, cases, "rome", "single", edit_batch_size=2, reference=reference, **SETTINGS
+        )
+    with pytest.raises(ValueError, match="on_curve_point applies to the sequential protocol"):
+        evaluate(
+            model, tokenizer, cases, "rome", "batch", on_curve_point=print, reference=reference, **SETTINGS
         )
 
 

@@ -20,7 +20,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +197,7 @@ def evaluate(
     reference: Reference | None = None,
     verify_restore: bool = True,
     progress: bool = True,
+    on_curve_point: Callable[[dict], None] | None = None,
 ) -> EvaluationResult:
     """Edit ``model`` with ``method`` under ``protocol`` and score every case; the model is restored after.
 
@@ -216,6 +217,8 @@ def evaluate(
         reference: the unedited model's outputs from :func:`pre_edit_reference` on the same cases,
             to share between calls; computed here if not given.
         verify_restore: hash every weight before and check it bit for bit after the edits are unloaded.
+        on_curve_point: sequential protocol: called with each curve point as soon as it is scored,
+            so that a run of hours can keep its progress (the benchmarks write it to a file).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -223,6 +226,8 @@ def evaluate(
         raise ValueError(
             "edit_batch_size applies to the sequential protocol (batch edits everything at once)."
         )
+    if on_curve_point is not None and protocol != "sequential":
+        raise ValueError("on_curve_point applies to the sequential protocol, the only one with a curve.")
     for name, value in (
         ("eval_every", eval_every),
         ("piqa_every", piqa_every),
@@ -254,7 +259,7 @@ def evaluate(
     run = {"single": _single, "batch": _batch, "sequential": _sequential}[protocol]
     records, curve = run(model, tokenizer, cases, config, settings, reference, questions, meter, snapshot,
                          eval_every=eval_every, edit_batch_size=edit_batch_size, piqa_every=piqa_every,
-                         progress=progress)  # fmt: skip
+                         progress=progress, on_curve_point=on_curve_point)  # fmt: skip
     if snapshot is not None:
         snapshot.verify(model)
 
@@ -365,7 +370,7 @@ def _batch(
 
 def _sequential(
     model, tokenizer, cases, config, settings, reference, questions, meter, snapshot, *, eval_every,
-    edit_batch_size, progress, **_,
+    edit_batch_size, progress, on_curve_point=None, **_,
 ):  # fmt: skip
     every = eval_every or max(1, math.ceil(len(cases) / 10))
     edited = None
@@ -391,6 +396,8 @@ def _sequential(
             point = {"cases": done, "edits": meter.requests, **summarize(records)}
             point["piqa_acc"] = _piqa(edited, tokenizer, questions, settings, meter)
             curve.append(point)
+            if on_curve_point is not None:
+                on_curve_point(dict(point))
             bar.set_postfix(_running(records))
         meter.measure_adapter(edited)
     finally:
