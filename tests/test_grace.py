@@ -177,6 +177,61 @@ def test_no_entry_reaches_an_edited_row_but_at_its_own_position(llama):
         handle.remove()
 
 
+def teacher_forced_holds(model, tokenizer, request) -> bool:
+    """Every target token is the argmax after the prompt and the target's earlier tokens."""
+    from peft_edit.requests import tokenize_continuation
+
+    prompt, target = tokenize_continuation(tokenizer, request.filled_prompt, request.target_new)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + target[:-1]])).logits[0]
+    return logits[len(prompt) - 1 :].argmax(-1).tolist() == target
+
+
+def test_an_earlier_value_is_optimised_again_where_a_new_entry_answers_in_its_row(llama, monkeypatch):
+    # A passage is edited, then its first sentence: the sentence's entry answers inside the
+    # passage's row too (the same text), so the passage's value is optimised again, from where it
+    # stood, with that entry in place.
+    _, tokenizer = llama
+    passage = EditRequest(
+        prompt="{} is located in the city of Paris. It was built for the fair of", subject="The Eiffel Tower",
+        target_new="Rome",
+    )
+    sentence = EditRequest(prompt=TEMPLATE, subject="The Eiffel Tower", target_new="London")
+    assert passage.filled_prompt.startswith(sentence.filled_prompt)
+    calls = []
+
+    def recording(model, layout, block, layer, rows, pad_id, hp, start=None):
+        answered = set()
+
+        def note_hits(_module, args):
+            if layer.size("default") == 0:
+                return
+            distance, index = layer.nearest("default", args[0].reshape(-1, args[0].shape[-1]))
+            answered.update(index[distance <= layer.grace_radii["default"][index]].tolist())
+
+        handle = layer.register_forward_pre_hook(note_hits)
+        try:
+            found = optimise_value(model, layout, block, layer, rows, pad_id, hp, start=start)
+        finally:
+            handle.remove()
+        calls.append({"rows": rows, "start": None if start is None else start.clone(), "answered": answered})
+        return found
+
+    optimise_value = grace_model.optimise_value
+    monkeypatch.setattr(grace_model, "optimise_value", recording)
+    edited = get_edited_model(tiny_model("llama"), GraceConfig(**FAST), [passage], tokenizer, progress=False)
+    (layer,) = [m for m in edited.modules() if isinstance(m, GraceLayer)]
+    assert len(calls) == 1  # nothing earlier to optimise again
+    passage_value = layer.grace_values["default"][0].clone()
+    edited.edit([sentence], progress=False)
+
+    own, again = calls[1:]
+    assert own["start"] is None and again["rows"] == calls[0]["rows"]  # the sentence, then the passage
+    assert torch.equal(again["start"], passage_value)
+    assert 1 in again["answered"]  # the sentence's entry answered inside the passage's row
+    assert teacher_forced_holds(edited, tokenizer, sentence) and teacher_forced_holds(edited, tokenizer, passage)
+
+
 def test_generation_with_and_without_the_kv_cache_agree(edited, llama):
     _, tokenizer = llama
     for request in REQUESTS[:3]:

@@ -115,6 +115,12 @@ class EditTuner(BaseTuner):
         """
         raise NotImplementedError
 
+    def after_append(self, config: EditConfig, adapter_name: str, entry: dict[str, Any], tokenizer) -> None:
+        """Called once ``entry`` is stored and in the ledger: a method may adjust earlier edits to it.
+
+        Only state that the layers' ``snapshot`` covers may change (a failed ``edit`` restores it).
+        """
+
     def _active_adapter_name(self, adapter_name: str | None) -> str:
         if adapter_name is not None:
             if adapter_name not in self.peft_config:
@@ -177,6 +183,7 @@ class EditTuner(BaseTuner):
                 if replaced:
                     entry["replaces"] = replaced
                 config.edits.append(entry)
+                self.after_append(config, adapter_name, entry, tokenizer)
                 new_entries.append(entry)
         except BaseException:
             # Back to the state before the call: the ledger and every targeted layer.

@@ -45,8 +45,10 @@ def optimise_value(
     """Optimise the value for ``rows`` of (prompt ids, target ids); ``start`` is the initial value.
 
     Without ``start``, optimisation begins at the module's own output on the first row, so the
-    value only moves as far as the target needs. The codebook is switched off meanwhile
-    (``site.bypassed()``): the value replaces the module's own output, whatever is stored now.
+    value only moves as far as the target needs. The value replaces whatever reaches the last
+    prompt token (an entry stored there included); every other position sees the codebook as it
+    stands, as it will when the edit is used: a passage whose beginning is another edit's prompt
+    gets that edit's value at that position.
     """
     ids = [prompt + target[:-1] for prompt, target in rows]
     sites = [len(prompt) - 1 for prompt, _ in rows]
@@ -66,9 +68,12 @@ def optimise_value(
     was_training = model.training
     model.eval()
     try:
-        with site.bypassed(), EditSiteRunner(model, layout, layer, site, batch) as runner:
-            own_output = runner.site_output  # (rows, out)
+        with EditSiteRunner(model, layout, layer, site, batch) as runner:
+            arriving = runner.site_output  # (rows, out): what reaches the last prompt token now
             keys = runner.site_input.clone()
+            with torch.no_grad():  # the module's own output there, whatever the codebook holds
+                base = site.get_base_layer()
+                own_output = base(keys.to(next(base.parameters()).dtype)).float()
             value = (own_output[0] if start is None else start.float()).clone().requires_grad_(True)
             # The step size scales with the module's output (its RMS per coordinate), so one default
             # suits every model and layer.
@@ -77,9 +82,7 @@ def optimise_value(
             best_loss, best_value, step = float("inf"), value.detach().clone(), 0
             for step in range(hp.value_steps + 1):
                 optimizer.zero_grad()
-                hidden = runner.final_hidden(
-                    value[None, :] - own_output
-                )  # output becomes `value` on every row
+                hidden = runner.final_hidden(value[None, :] - arriving)  # output becomes `value` on every row
                 logp = runner.log_probs(hidden, loss_rows, loss_cols)
                 token_logp = logp.gather(1, loss_tokens).squeeze(1)
                 loss = -(token_logp * loss_weights).sum()

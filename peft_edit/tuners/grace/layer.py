@@ -60,9 +60,17 @@ def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor], toleranc
     present = [b for b in bystanders if len(b)]
     if not present:
         return torch.full((keys.shape[0],), float("inf"), device=keys.device)
-    distances = torch.cdist(keys.float(), torch.cat(present).float().to(keys.device))
-    same_context = distances <= tolerance * keys.float().norm(dim=-1, keepdim=True)
-    return distances.masked_fill(same_context, float("inf")).min(dim=-1).values / 2
+    bystanders = torch.cat(present).float().to(keys.device)
+    distances = torch.cdist(keys.float(), bystanders)
+    return distances.masked_fill(same_context(keys, bystanders, tolerance), float("inf")).min(dim=-1).values / 2
+
+
+def same_context(keys: torch.Tensor, bystanders: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(n, m) bool: bystander j lies within ``tolerance`` (a fraction of the key's norm) of key i,
+    i.e. it is the same text as that key's prompt, up to rounding. ``keys`` may be one key (in,)."""
+    keys = keys.float().reshape(-1, keys.shape[-1])
+    bystanders = bystanders.float().to(keys.device)
+    return torch.cdist(keys, bystanders) <= tolerance * keys.norm(dim=-1, keepdim=True)
 
 
 def clear_radius(key: torch.Tensor, bystanders: Sequence[torch.Tensor], tolerance: float) -> float:

@@ -9,7 +9,7 @@ from ..site_training import cached_token_site_inputs
 from ..wrapped import WrappedTuner
 from .algorithm import optimise_value
 from .config import GraceConfig
-from .layer import GraceLayer, Placement, clear_radius, target_label
+from .layer import GraceLayer, Placement, clear_radius, same_context, target_label
 
 
 def block_index(layers_path: str, module_name: str) -> int:
@@ -64,6 +64,41 @@ class GraceTuner(WrappedTuner):
             start = layer.entry(adapter, placement.index)["value"]
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
         return {name: (placement, key, found.value, radius, label, bystanders, tolerance)}
+
+    def after_append(self, config: GraceConfig, adapter_name: str, entry: dict, tokenizer) -> None:
+        """Optimise again the values of earlier edits whose rows the new entry now answers in.
+
+        No radius reaches another position of an edited row, except where that row holds the very
+        text of the new edit's prompt (a passage corrected sentence by sentence: one edit's prompt
+        begins another's). There the new entry answers, as it should, and an earlier value,
+        optimised without it, now works in another context. Each such value is optimised again
+        from where it stands (no step at all when its target still holds). One level only: a value
+        changed here is not chased into the rows that contain its own prompt.
+        """
+        (name,) = config.target_modules
+        layer = self._layer(name)
+        new_index = entry["modules"][name][0]
+        key = layer.grace_keys[adapter_name][new_index]
+        block = block_index(config.layout(self.model).layers, name)
+        pad_id = pad_token_id(tokenizer)
+        touched = set()
+        for earlier in config.edits[:-1]:
+            index = earlier["modules"].get(name, [None])[0]
+            requests = [EditRequest.from_dict(r) for r in earlier["requests"] if "replaced_by" not in r]
+            if index is None or index == new_index or index in touched or not requests:
+                continue  # an entry sharing the new key was optimised with it already
+            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in requests]
+            bystanders = torch.cat(self._bystander_keys(block, layer, rows, pad_id))
+            if len(bystanders) and same_context(key, bystanders, config.replace_tolerance).any():
+                touched.add(index)
+        layout = config.layout(self.model)
+        for index in sorted(touched):
+            stored = layer.entry(adapter_name, index)
+            shared = self.prompts_of_entry(config, name, index, stored["label"])
+            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in shared]
+            found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=stored["value"])
+            with torch.no_grad():
+                layer.grace_values[adapter_name][index] = found.value
 
     def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
         """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
