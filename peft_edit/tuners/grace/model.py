@@ -79,19 +79,20 @@ class GraceTuner(WrappedTuner):
         layer = self._layer(name)
         new_index = entry["modules"][name][0]
         key = layer.grace_keys[adapter_name][new_index]
-        block = block_index(config.layout(self.model).layers, name)
+        layout = config.layout(self.model)
+        block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
         touched = set()
         for earlier in config.edits[:-1]:
             index = earlier["modules"].get(name, [None])[0]
             requests = [EditRequest.from_dict(r) for r in earlier["requests"] if "replaced_by" not in r]
+            # The new entry's own requests (an expanded or replaced entry) were just optimised with it.
             if index is None or index == new_index or index in touched or not requests:
-                continue  # an entry sharing the new key was optimised with it already
+                continue
             rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in requests]
             bystanders = torch.cat(self._bystander_keys(block, layer, rows, pad_id))
             if len(bystanders) and same_context(key, bystanders, config.replace_tolerance).any():
                 touched.add(index)
-        layout = config.layout(self.model)
         for index in sorted(touched):
             stored = layer.entry(adapter_name, index)
             shared = self.prompts_of_entry(config, name, index, stored["label"])
