@@ -60,17 +60,21 @@ def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor], toleranc
     present = [b for b in bystanders if len(b)]
     if not present:
         return torch.full((keys.shape[0],), float("inf"), device=keys.device)
-    bystanders = torch.cat(present).float().to(keys.device)
-    distances = torch.cdist(keys.float(), bystanders)
-    return distances.masked_fill(same_context(keys, bystanders, tolerance), float("inf")).min(dim=-1).values / 2
+    keys = keys.float()
+    distances = torch.cdist(keys, torch.cat(present).float().to(keys.device))
+    own_context = _within_tolerance(distances, keys, tolerance)
+    return distances.masked_fill(own_context, float("inf")).min(dim=-1).values / 2
 
 
 def same_context(keys: torch.Tensor, bystanders: torch.Tensor, tolerance: float) -> torch.Tensor:
     """(n, m) bool: bystander j lies within ``tolerance`` (a fraction of the key's norm) of key i,
     i.e. it is the same text as that key's prompt, up to rounding. ``keys`` may be one key (in,)."""
     keys = keys.float().reshape(-1, keys.shape[-1])
-    bystanders = bystanders.float().to(keys.device)
-    return torch.cdist(keys, bystanders) <= tolerance * keys.norm(dim=-1, keepdim=True)
+    return _within_tolerance(torch.cdist(keys, bystanders.float().to(keys.device)), keys, tolerance)
+
+
+def _within_tolerance(distances: torch.Tensor, keys: torch.Tensor, tolerance: float) -> torch.Tensor:
+    return distances <= tolerance * keys.norm(dim=-1, keepdim=True)
 
 
 def clear_radius(key: torch.Tensor, bystanders: Sequence[torch.Tensor], tolerance: float) -> float:

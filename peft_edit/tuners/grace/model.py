@@ -45,9 +45,9 @@ class GraceTuner(WrappedTuner):
         # The value was optimised with every other position of the row left alone, so no entry may
         # reach those positions, of this row or of an earlier edit's (see GraceLayer.keep_clear_of).
         bystanders = self._bystander_keys(block, layer, [row], pad_id)
-        earlier = [r for entry in config.edits for r in map(EditRequest.from_dict, entry["requests"])]
-        earlier_rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in earlier]
-        every_bystander = bystanders + self._bystander_keys(block, layer, earlier_rows, pad_id)
+        every_bystander = bystanders + [
+            keys for _, keys in self._ledger_bystanders(config, name, block, layer, tokenizer)
+        ]
         tolerance = config.replace_tolerance
         radius = min(config.init_radius * norm, clear_radius(key, every_bystander, tolerance))
         placement = layer.placement(adapter, key, label, radius, config.replace_tolerance * norm)
@@ -82,17 +82,16 @@ class GraceTuner(WrappedTuner):
         layout = config.layout(self.model)
         block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
-        touched = set()
-        for earlier in config.edits[:-1]:
-            index = earlier["modules"].get(name, [None])[0]
-            requests = [EditRequest.from_dict(r) for r in earlier["requests"] if "replaced_by" not in r]
-            # The new entry's own requests (an expanded or replaced entry) were just optimised with it.
-            if index is None or index == new_index or index in touched or not requests:
-                continue
-            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in requests]
-            bystanders = torch.cat(self._bystander_keys(block, layer, rows, pad_id))
-            if len(bystanders) and same_context(key, bystanders, config.replace_tolerance).any():
-                touched.add(index)
+        earlier = self._ledger_bystanders(config, name, block, layer, tokenizer, entries=config.edits[:-1])
+        # The new entry's own requests (an expanded or replaced entry) were just optimised with it.
+        touched = {
+            index
+            for index, bystanders in earlier
+            if index is not None
+            and index != new_index
+            and len(bystanders)
+            and same_context(key, bystanders, config.replace_tolerance).any()
+        }
         for index in sorted(touched):
             stored = layer.entry(adapter_name, index)
             shared = self.prompts_of_entry(config, name, index, stored["label"])
@@ -100,6 +99,20 @@ class GraceTuner(WrappedTuner):
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=stored["value"])
             with torch.no_grad():
                 layer.grace_values[adapter_name][index] = found.value
+
+    def _ledger_bystanders(self, config: GraceConfig, name: str, block: int, layer: GraceLayer, tokenizer, entries=None):
+        """Per ledger entry (all of ``config.edits`` unless ``entries`` is given): the codebook index it
+        occupies (None if it holds no entry at ``name``) and the bystander keys (n, in) of its rows
+        (:meth:`_bystander_keys`) of the requests no later edit replaced."""
+        pad_id = pad_token_id(tokenizer)
+        found = []
+        for entry in config.edits if entries is None else entries:
+            requests = [EditRequest.from_dict(r) for r in entry["requests"] if "replaced_by" not in r]
+            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in requests]
+            keys = self._bystander_keys(block, layer, rows, pad_id) if rows else []
+            index = entry["modules"].get(name, [None])[0]
+            found.append((index, torch.cat(keys) if keys else torch.empty(0)))
+        return found
 
     def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
         """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
