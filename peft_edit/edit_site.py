@@ -7,7 +7,10 @@ does not depend on δ:
 * positions before the site: causal attention keeps them independent of it, so they are run once
   and kept as a key/value cache;
 * blocks below L at the site and after it: δ enters at block L, so their outputs are computed once
-  and replayed.
+  and replayed;
+* the site itself: its input comes from before δ enters (attention at L reads the residual stream
+  from before L's MLP), so its output, which may hold other edits (a codebook, patch neurons), is
+  computed once too and replayed, δ added by hooks on top.
 
 Rows are aligned so that the site sits in the same column ``split`` of every row (left padding),
 which lets one cache serve the whole batch. Each optimisation step then runs blocks L.. on the
@@ -78,7 +81,7 @@ class EditSiteRunner:
         self.batch = batch
         self.site_input: torch.Tensor | None = None  # (rows, in): the site's input at column split
         self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
-        self._replayed: list[nn.Module] = []
+        self._replayed: list[tuple[nn.Module, object]] = []  # with any instance-level forward it had
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes.
         self._cache_kwarg = (
             "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
@@ -103,14 +106,25 @@ class EditSiteRunner:
                 self.prefix_cache = getattr(out, self._cache_kwarg)
             self._record_lower_blocks_and_site()
         for i in range(self.layer):
-            block, recorded = self.blocks[i], self._lower_outputs[i]
-            block.forward = lambda *args, _recorded=recorded, **kwargs: _recorded
-            self._replayed.append(block)
+            self._replay(self.blocks[i], self._lower_outputs[i])
+        # A copy per call: the caller's model may add to the site's output in place.
+        self._replay(self.site, self._site_full_output, copy=True)
         return self
 
+    def _replay(self, module: nn.Module, recorded, copy: bool = False) -> None:
+        # An instance-level forward (e.g. a dispatch hook's wrapper) is put back on exit.
+        self._replayed.append((module, vars(module).get("forward")))
+        if copy:
+            module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded.clone()
+        else:
+            module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded
+
     def __exit__(self, *exc) -> None:
-        for block in self._replayed:
-            del block.forward  # back to the class's forward
+        for module, own_forward in self._replayed:
+            if own_forward is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = own_forward
         self._replayed = []
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
@@ -126,8 +140,10 @@ class EditSiteRunner:
             return hook
 
         def keep_site(_module, args, output):
-            self.site_input = self._by_row(args[0])[:, 0].detach().float()
-            self.site_output = self._by_row(output)[:, 0].detach().float()
+            # Copies: some blocks add to the site's output in place (Falcon adds attention to it).
+            self._site_full_output = output.detach().clone()
+            self.site_input = self._by_row(args[0])[:, 0].detach().float().clone()
+            self.site_output = self._by_row(output)[:, 0].detach().float().clone()
 
         try:
             for i in range(self.layer):

@@ -70,6 +70,50 @@ def test_runner_restores_blocks_and_gradient_flags():
         assert not any(p.requires_grad for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all("forward" not in vars(block) for block in model.model.layers)
+    assert "forward" not in vars(site)
+
+
+def test_steps_replay_the_site_and_its_own_forward_comes_back():
+    """The site's input does not depend on δ, so its output (other edits included) is computed once."""
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    layout = get_layout(model)
+    site = model.get_submodule(mlp_out_name(layout, 2))
+    rows, sites = rows_and_sites(tokenizer)
+    calls = []
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return type(site).forward(site, *args, **kwargs)
+
+    site.forward = counting_forward  # an instance-level forward, as dispatch hooks install
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with EditSiteRunner(model, layout, 2, site, AlignedBatch.build(rows, sites, 0)) as runner:
+        before_steps = len(calls)
+        first = runner.final_hidden(delta)
+        second = runner.final_hidden(delta)
+    assert before_steps > 0 and len(calls) == before_steps
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert vars(site)["forward"] is counting_forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_site_output_is_what_the_site_emits(family):
+    """Recorded before the block uses it: Falcon adds attention to the MLP's output in place."""
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    layout = get_layout(model)
+    site = model.get_submodule(mlp_out_name(layout, 2))
+    rows, sites = rows_and_sites(tokenizer)
+    emitted = []
+    handle = site.register_forward_hook(lambda _m, _a, out: emitted.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            backbone(model, layout)(input_ids=torch.tensor([rows[0]]))
+    finally:
+        handle.remove()
+    expected = emitted[0].reshape(len(rows[0]), -1)[sites[0]]
+    with EditSiteRunner(model, layout, 2, site, AlignedBatch.build(rows, sites, tokenizer.pad_token_id)) as runner:
+        got = runner.site_output[0]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_gradient_reaches_delta_only():

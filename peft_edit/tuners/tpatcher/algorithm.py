@@ -9,6 +9,7 @@ A patch adds its value only above a firing threshold ``θ`` in these units (see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,20 @@ def key_direction(
     discounts the directions ordinary text already varies along, as ROME's ``C⁻¹k`` does, leaving
     what is particular to the edit.
     """
-    moment = second_moment.to(edit_keys)
+    return key_directions([edit_keys], memory_keys, second_moment, ridge)[0]
+
+
+def key_directions(
+    edit_key_sets: Sequence[torch.Tensor], memory_keys: torch.Tensor, second_moment: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """:func:`key_direction` of each set of edit keys, (sets, in): one solve for all of them."""
+    moment = second_moment.to(memory_keys)
     regularized = moment + ridge * moment.diagonal().mean() * torch.eye(
         moment.shape[0], dtype=moment.dtype, device=moment.device
     )
-    direction = torch.linalg.solve(regularized, edit_keys.mean(0) - memory_keys.mean(0))
-    return direction / direction.norm().clamp(min=1e-12)
+    differences = torch.stack([keys.mean(0) for keys in edit_key_sets]) - memory_keys.mean(0)
+    directions = torch.linalg.solve(regularized, differences.T).T
+    return directions / directions.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def initial_patch(

@@ -19,7 +19,7 @@ from .algorithm import (
     activation_loss,
     as_plain_neurons,
     initial_patch,
-    key_direction,
+    key_directions,
     memory_loss,
     patch_activation,
 )
@@ -55,14 +55,11 @@ class TPatcherTuner(WrappedTuner):
         typical = torch.cat([k[1:] for k in memory_per_text])
         moments = second_moments(self.model, tokenizer, config, [config.layer])
         moment = moments[config.layer] if moments else typical.T @ typical / len(typical)
+        edit_key_sets = [row_keys[where] for where in own]
+        start_directions = key_directions(edit_key_sets, typical, moment, config.key_ridge)
         starts = [
-            initial_patch(
-                row_keys[where],
-                memory,
-                key_direction(row_keys[where], typical, moment, config.key_ridge),
-                config.boundary,
-            )
-            for where in own
+            initial_patch(keys, memory, direction, config.boundary)
+            for keys, direction in zip(edit_key_sets, start_directions)
         ]
 
         d_in, d_out = in_out_features(layer.base_layer)
@@ -80,8 +77,8 @@ class TPatcherTuner(WrappedTuner):
         value_unit = base(edit_keys.to(base.weight.dtype)).float().norm(dim=-1).mean().item() / d_out**0.5
         state = {"fires_only_where_it_should": False}
 
-        def pre_activation(keys):  # (..., in) -> (..., patches)
-            return torch.stack([keys @ d for d in directions], -1) * scales + bias
+        def pre_activation(keys):  # (..., in) -> (..., patches); one product reads the keys once
+            return keys @ torch.stack(directions, -1) * scales + bias
 
         threshold = config.fire_threshold
 
