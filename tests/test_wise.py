@@ -14,11 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
 from peft_edit.tuners.wise.algorithm import margin_loss, running_mean_gaps, ties_merge
 from peft_edit.tuners.wise.layer import RoutingContext, WiseLayer
+from peft_edit.tuners.wise.storage import pack, unpack
 from peft_edit.tuners.wrapped import CannotMergeError
 
 TEMPLATE = "{} is located in the city of"
@@ -185,6 +187,41 @@ def test_other_families_edit_save_and_load(method, family, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- WISE alone
+@pytest.mark.parametrize("shape", [(1, 3, 5), (2, 8, 8), (3, 7, 11)])
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+def test_packing_a_side_memory_gives_it_back_exactly(shape, density):
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < density)
+    values, bits, stored_shape = pack(dense)
+    assert values.numel() == int((dense != 0).sum()) and bits.dtype == torch.uint8
+    assert torch.equal(unpack(values, bits, stored_shape), dense)
+    if values.numel():
+        with pytest.raises(ValueError, match="damaged"):
+            unpack(values[1:], bits, stored_shape)
+
+
+def test_a_saved_side_memory_holds_its_non_zero_entries_only_and_older_dense_files_load(llama, tmp_path):
+    _, tokenizer = llama
+    edited = get_edited_model(
+        tiny_model("llama"), CONFIGS["wise"](shards_per_memory=1), REQUESTS[:2], tokenizer=tokenizer, progress=False
+    )
+    dense = adapter_state(edited)["wise_delta"]
+    edited.save_pretrained(tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    (values_key,) = [k for k in saved if k.endswith(".wise_delta")]
+    assert saved[values_key].numel() == int((dense != 0).sum()) < 0.3 * dense.numel()  # mask_ratio 0.2
+    assert {k.rpartition(".")[2] for k in saved} == {"wise_delta", "wise_delta_support", "wise_delta_shape", "wise_threshold"}
+
+    # A file written before packing (dense memories, no support) loads as it is.
+    stem = values_key.removesuffix(".wise_delta")
+    older = {k: v for k, v in saved.items() if not k.startswith(stem + ".wise_delta_")}
+    older[values_key] = dense.clone()
+    save_file(older, tmp_path / "a" / "adapter_model.safetensors")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    assert torch.equal(adapter_state(reloaded)["wise_delta"], dense)
+    torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer))
+
+
 def test_wise_shards_merge_into_one_memory_and_the_ledger_sizes_it(llama, tmp_path):
     _, tokenizer = llama
     config = CONFIGS["wise"](edits_per_shard=1, shards_per_memory=2)

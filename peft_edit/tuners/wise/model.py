@@ -17,6 +17,7 @@ from ..wrapped import WrappedTuner
 from .algorithm import margin_loss, running_mean_gaps, shard_mask, ties_merge, token_gaps
 from .config import WiseConfig
 from .layer import RoutingContext, WiseLayer
+from .storage import pack_state_dict, unpack_state_dict
 
 # Older edits (outside the shard being written) whose prompts the new shard must not fire on.
 MAX_OTHER_EDITS = 100
@@ -43,6 +44,17 @@ class WiseTuner(WrappedTuner):
     ):
         super()._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key, **kw)
         getattr(parent, target_name).routing = self._routing
+
+    # ---------------------------------------------------------------- storage
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # Side memories are zero outside their subspace: written as their non-zero entries (storage.py).
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return pack_state_dict(selected, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, unpack_state_dict(state_dict))
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         # The hook goes only once the layers are gone: a refused merge_and_unload must leave routing working.
