@@ -108,13 +108,13 @@ class EditSiteRunner:
         for i in range(self.layer):
             self._replay(self.blocks[i], self._lower_outputs[i])
         # A copy per call: the caller's model may add to the site's output in place.
-        self._replay(self.site, self._site_full_output, copy=True)
+        self._replay(self.site, self._site_full_output, fresh_each_call=True)
         return self
 
-    def _replay(self, module: nn.Module, recorded, copy: bool = False) -> None:
+    def _replay(self, module: nn.Module, recorded, fresh_each_call: bool = False) -> None:
         # An instance-level forward (e.g. a dispatch hook's wrapper) is put back on exit.
         self._replayed.append((module, vars(module).get("forward")))
-        if copy:
+        if fresh_each_call:
             module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded.clone()
         else:
             module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded
