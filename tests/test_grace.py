@@ -6,6 +6,7 @@ Tiny random models test mechanics, not knowledge (test_grace_smollm2.py does tha
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -310,6 +311,30 @@ def test_a_failed_edit_restores_the_codebook_including_changed_radii(edited, lla
         edited.edit([again, REQUESTS[4]], progress=False)
     assert codebook_equal(edited.base_model.codebook(), before)
     assert edited.ledger == ledger
+
+
+def test_each_request_is_tokenized_once_however_many_edits_reread_the_ledger(llama, monkeypatch):
+    _, tokenizer = llama
+    tokenized = []
+    real = grace_model.tokenize_continuation
+
+    def counting(tok, prompt, target):
+        tokenized.append((prompt, target))
+        return real(tok, prompt, target)
+
+    monkeypatch.setattr(grace_model, "tokenize_continuation", counting)
+    monkeypatch.setattr(grace_model, "_ROWS", weakref.WeakKeyDictionary())  # nothing remembered yet
+    edited = get_edited_model(
+        tiny_model("llama"), GraceConfig(**FAST), requests=REQUESTS[:1], tokenizer=tokenizer, progress=False
+    )
+    for request in REQUESTS[1:4]:
+        edited.edit([request], progress=False)
+    # Four edits, each reading every earlier request again (radius and refits), tokenized once each.
+    assert sorted(tokenized) == sorted((r.filled_prompt, r.target_new) for r in REQUESTS[:4])
+    ids = grace_model.request_row(tokenizer, REQUESTS[2])
+    assert ids == real(tokenizer, REQUESTS[2].filled_prompt, REQUESTS[2].target_new)
+    ids[0].append(-1)  # a caller changing its copy leaves the remembered ids alone
+    assert grace_model.request_row(tokenizer, REQUESTS[2]) != ids
 
 
 def test_unload_edits_is_bit_identical(edited, llama):

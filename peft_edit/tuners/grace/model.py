@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...requests import EditRequest, pad_token_id, tokenize_continuation
@@ -10,6 +12,20 @@ from ..wrapped import WrappedTuner
 from .algorithm import optimise_value
 from .config import GraceConfig
 from .layer import GraceLayer, Placement, clear_radius, same_context, target_label
+
+# Per tokenizer: (prompt ids, target ids) of each (prompt, target) seen. Every edit re-reads the whole
+# ledger (bystanders, refits), and tokenizing hundreds of passages twice per edit adds up.
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def request_row(tokenizer, request: EditRequest) -> tuple[list[int], list[int]]:
+    """:func:`tokenize_continuation` of ``request``'s prompt and new target, remembered per tokenizer."""
+    rows = _ROWS.setdefault(tokenizer, {})
+    key = (request.filled_prompt, request.target_new)
+    if key not in rows:
+        rows[key] = tokenize_continuation(tokenizer, *key)
+    prompt, target = rows[key]
+    return list(prompt), list(target)  # copies: the remembered ids stay as tokenized
 
 
 def block_index(layers_path: str, module_name: str) -> int:
@@ -36,7 +52,7 @@ class GraceTuner(WrappedTuner):
         layout = config.layout(self.model)
         block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
-        row = tokenize_continuation(tokenizer, request.filled_prompt, request.target_new)
+        row = request_row(tokenizer, request)
 
         label = target_label(request.target_new)
         found = optimise_value(self.model, layout, block, layer, [row], pad_id, config)
@@ -60,7 +76,7 @@ class GraceTuner(WrappedTuner):
             # The stored value is shared: optimise it again so it serves the prompts it was made for
             # and this one too (rarer than a new entry, so the first optimisation is not avoided).
             shared = self.prompts_of_entry(config, name, placement.index, label)
-            rows = [row] + [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in shared]
+            rows = [row] + [request_row(tokenizer, r) for r in shared]
             start = layer.entry(adapter, placement.index)["value"]
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
         return {name: (placement, key, found.value, radius, label, bystanders, tolerance)}
@@ -95,7 +111,7 @@ class GraceTuner(WrappedTuner):
         for index in sorted(touched):
             stored = layer.entry(adapter_name, index)
             shared = self.prompts_of_entry(config, name, index, stored["label"])
-            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in shared]
+            rows = [request_row(tokenizer, r) for r in shared]
             found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=stored["value"])
             with torch.no_grad():
                 layer.grace_values[adapter_name][index] = found.value
@@ -108,7 +124,7 @@ class GraceTuner(WrappedTuner):
         found = []
         for entry in config.edits if entries is None else entries:
             requests = [EditRequest.from_dict(r) for r in entry["requests"] if "replaced_by" not in r]
-            rows = [tokenize_continuation(tokenizer, r.filled_prompt, r.target_new) for r in requests]
+            rows = [request_row(tokenizer, r) for r in requests]
             keys = self._bystander_keys(block, layer, rows, pad_id) if rows else []
             index = entry["modules"].get(name, [None])[0]
             found.append((index, torch.cat(keys) if keys else torch.empty(0)))
