@@ -95,12 +95,27 @@ def test_a_near_key_with_the_same_target_expands_the_stored_radius():
     key = torch.tensor([1.5, 0.0])  # outside the radius (1.0), inside radius + initial radius (2.0)
     placement = layer.placement("default", key, label=7, radius=1.0, tolerance=1e-3)
     assert (placement.action, placement.index, placement.distance) == ("expand", 0, 1.5)
-    assert layer.append("default", placement, key, torch.full((3,), 9.0), 1.0, 7) == (0, 1)
-    assert layer.size("default") == 1
-    # Covers the new key with a margin: the key a later forward pass computes may differ in rounding.
-    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([1.5 + 1e-3]))
-    assert layer(key[None] * (1 + 1e-5))[0].tolist() == [9.0] * 3
-    assert layer.grace_values["default"][0].tolist() == [9.0] * 3  # the shared value, re-optimised
+    # The new key is stored too (entry 1 answers it), with the shared, re-optimised value.
+    assert layer.append("default", placement, key, torch.full((3,), 9.0), 1.0, 7) == (1, 2)
+    assert layer.grace_values["default"].tolist() == [[9.0] * 3] * 2
+    assert layer.grace_keys["default"][1].tolist() == key.tolist()
+    # The stored ball reaches the new key with a margin: a later forward pass may round differently.
+    torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([1.5 + 1e-3, 1.0]))
+    assert layer(torch.tensor([[0.75, 0.0], [1.5 * (1 + 1e-5), 0.0]])).tolist() == [[9.0] * 3] * 2
+
+
+def test_a_split_beside_an_expanded_entry_leaves_the_expanded_prompt_its_answer():
+    layer = layer_with([[0.0, 0.0]], [1.0], [7])
+    expanded = torch.tensor([1.5, 0.0])
+    placement = layer.placement("default", expanded, label=7, radius=1.0, tolerance=1e-3)
+    layer.append("default", placement, expanded, torch.full((3,), 9.0), 1.0, 7)
+    # Another target between them: had only the stored key been kept, this split would halve its ball
+    # (0.52, short of the expanded key), and the expanded key lies nearer the new one (0.58) anyway.
+    other = torch.tensor([1.0, 0.3])
+    placement = layer.placement("default", other, label=8, radius=1.0, tolerance=1e-3)
+    assert placement.action == "split"
+    layer.append("default", placement, other, torch.zeros(3), 1.0, 8)
+    assert layer(expanded[None])[0].tolist() == [9.0] * 3
 
 
 def test_a_near_key_with_another_target_splits_the_space():

@@ -10,7 +10,8 @@ The codebook rules (Hartvigsen et al., 2023) live in :meth:`GraceLayer.placement
 from every stored one is added; one that falls near a stored key (closer than the sum of their
 radii) with the same target widens that key's radius to cover it, and with a different target
 splits the space, both radii shrinking to half their distance. A key at the very position of a
-stored one (the same prompt edited again) overwrites that entry.
+stored one (the same prompt edited again) overwrites that entry. An expanded entry's new key is
+stored as well, carrying the shared value, so that later splits cannot take its prompt away.
 """
 
 from __future__ import annotations
@@ -210,10 +211,11 @@ class GraceLayer(WrappedLayer):
         i = placement.index
         if placement.action == "expand":
             # Coverage: the stored key's ball grows to reach the new key; the value is shared (and was
-            # re-optimised for both prompts).
+            # re-optimised for both prompts). The new key is stored too, with that value: a later
+            # split around the stored key halves its radius and can leave the new prompt outside it,
+            # or put a nearer key beside it, while a prompt's own key is always its nearest.
             radii[i] = max(float(radii[i]), placement.distance + placement.margin)
             values[i] = value
-            return i, i + 1
         if placement.action == "replace":
             values[i], labels[i] = value, label
             return i, i + 1
