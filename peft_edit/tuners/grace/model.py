@@ -99,7 +99,7 @@ class GraceTuner(WrappedTuner):
         block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
         earlier = self._ledger_bystanders(config, name, block, layer, tokenizer, entries=config.edits[:-1])
-        # The new entry's own requests (an expanded or replaced entry) were just optimised with it.
+        # The new entry's own requests (a replaced entry's included) were just optimised with it.
         touched = {
             index
             for index, bystanders in earlier
