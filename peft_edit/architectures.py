@@ -244,9 +244,19 @@ def lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits the model computes from its final hidden states (the backbone's output)."""
-    logits = lm_head(model)(hidden)
+def logits_from_hidden(
+    model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logits the model computes from its final hidden states (the backbone's output); with
+    ``vocabulary`` (token ids), only those columns, computed from those rows of the head alone."""
+    head = lm_head(model)
+    if vocabulary is None:
+        logits = head(hidden)
+    elif isinstance(head, nn.Linear):
+        bias = None if head.bias is None else head.bias[vocabulary]
+        logits = nn.functional.linear(hidden, head.weight[vocabulary], bias)
+    else:  # a wrapped head: its own forward, then the columns
+        logits = head(hidden)[..., vocabulary]
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model_and_tokenizer
 
-from peft_edit.architectures import backbone, get_layout, mlp_out_name
-from peft_edit.edit_site import AlignedBatch, EditSiteRunner
+from peft_edit.architectures import backbone, get_layout, logits_from_hidden, mlp_out_name
+from peft_edit.edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 
 TEXTS = [
     ("The Eiffel Tower is located in the city of Rome", "The Eiffel Tower"),
@@ -126,3 +126,55 @@ def test_gradient_reaches_delta_only():
         runner.final_hidden(delta).sum().backward()
     assert delta.grad is not None and delta.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- shortlisted softmax
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_over_a_vocabulary_are_those_columns_of_the_full_logits(family):
+    model, _ = tiny_model_and_tokenizer(family)
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    vocabulary = torch.tensor([0, 5, 17, model.config.vocab_size - 1])
+    full = logits_from_hidden(model, hidden)
+    torch.testing.assert_close(logits_from_hidden(model, hidden, vocabulary), full[:, vocabulary])
+
+
+def _target_log_probs(per_position, refresh_every=3):
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    hidden = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    rows, columns, tokens = [0, 0, 1], [1, 3, 2], torch.tensor([7, 11, 3])
+    exact = torch.log_softmax(logits_from_hidden(model, hidden[rows, columns]), -1)[torch.arange(3), tokens]
+    return model, hidden, TargetLogProbs(model, rows, columns, tokens, per_position, refresh_every), exact
+
+
+def test_target_log_probs_refresh_on_the_full_vocabulary_and_bound_from_above_between():
+    model, hidden, targets, exact = _target_log_probs(per_position=4)
+    first = targets(hidden)
+    assert targets.exact
+    torch.testing.assert_close(first, exact)
+    # The shortlist: the targets and each position's 4 most likely tokens, far from the whole vocabulary.
+    assert set(targets.shortlist.tolist()) >= {7, 11, 3} and len(targets.shortlist) <= 3 * 4 + 3
+    between = targets(hidden)
+    assert not targets.exact
+    assert (between >= exact - 1e-6).all() and (between > exact + 1e-4).any()
+    targets(hidden)
+    assert not targets.exact
+    targets(hidden)
+    assert targets.exact  # every refresh_every-th call (3 here) refreshes
+    torch.testing.assert_close(targets.full(hidden), exact)
+    targets(hidden)
+    assert targets.exact  # a full check refreshes the shortlist on the next call
+
+
+def test_target_log_probs_with_every_token_shortlisted_are_exact():
+    model, hidden, targets, exact = _target_log_probs(per_position=10**6)
+    targets(hidden)
+    assert len(targets.shortlist) == model.config.vocab_size
+    torch.testing.assert_close(targets(hidden), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_target_log_probs_pass_gradients_through_the_shortlist():
+    model, hidden, targets, _ = _target_log_probs(per_position=4)
+    hidden = hidden.clone().requires_grad_(True)
+    targets(hidden)
+    targets(hidden).sum().backward()
+    assert hidden.grad[0, 1].abs().sum() > 0 and hidden.grad[0, 0].abs().sum() == 0

@@ -10,8 +10,9 @@ method-specific term decides where the change acts. What they share lives here:
 * :func:`site_inputs`: the projection's inputs ("keys") at every token of some texts, the forward
   stopped right after the projection (GRACE uses them too, to keep its radii off edited prompts);
 * :func:`train_added_output`: the optimisation loop. Blocks below the site are run once and
-  replayed (:class:`~peft_edit.edit_site.EditSiteRunner`), and gradients reach only the method's
-  own tensors.
+  replayed (:class:`~peft_edit.edit_site.EditSiteRunner`), the softmax runs over a shortlist of
+  the vocabulary between full refreshes (:class:`~peft_edit.edit_site.TargetLogProbs`), and
+  gradients reach only the method's own tensors.
 
 A projection's input at block L does not depend on its own output (attention at L reads the
 residual stream from before L's MLP), so keys collected once stay valid while the output is
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..architectures import Layout
 from ..capture import capture
-from ..edit_site import AlignedBatch, EditSiteRunner
+from ..edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 from ..requests import EditRequest, fill, pad_token_id, tokenize_continuation
 
 # Text about nothing in particular: the inputs an edit must leave alone when the user gives none.
@@ -260,17 +261,20 @@ def train_added_output(
             handle = site.register_forward_hook(add_to_site)
             try:
                 zero = torch.zeros(runner.site_output.shape[-1], device=device)
+                targets = TargetLogProbs(model, nll_rows, nll_cols, nll_tokens_t)
                 for step in range(1, steps + 1):
                     optimizer.zero_grad()
                     hidden = runner.final_hidden(zero)
-                    logp = runner.log_probs(hidden, nll_rows, nll_cols)
-                    nll = -(logp.gather(1, nll_tokens_t[:, None]).squeeze(1) * nll_weights_t).sum()
+                    nll = -(targets(hidden) * nll_weights_t).sum()
                     loss = nll + extra_loss(seen["x"], seen["added"])
                     nll_value = nll.item()
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"The edit's training loss became {loss.item()} at step {step}; lower the learning rate."
                         )
+                    if (nll_value < early_stop_loss or step == steps) and not targets.exact:
+                        # A shortlist's NLL is a lower bound: stop, and report, on the full vocabulary's.
+                        nll_value = -(targets.full(hidden) * nll_weights_t).sum().item()
                     if nll_value < early_stop_loss and done():
                         break
                     if step == steps:

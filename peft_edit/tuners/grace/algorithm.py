@@ -9,7 +9,8 @@ them are rows, so the shared value keeps serving each.
 
 Only what v can reach is recomputed at each step: positions before the last prompt token are
 cached, blocks below the codebook's block are replayed, and the LM head runs only where the loss
-reads logits (:class:`~peft_edit.edit_site.EditSiteRunner`).
+reads logits (:class:`~peft_edit.edit_site.EditSiteRunner`), over a shortlist of the vocabulary
+between full refreshes (:class:`~peft_edit.edit_site.TargetLogProbs`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ...architectures import Layout
-from ...edit_site import AlignedBatch, EditSiteRunner
+from ...edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 
 
 @dataclass
@@ -61,7 +62,7 @@ def optimise_value(
             loss_cols.append(batch.suffix_column(r, len(prompt) - 1 + j))
             loss_tokens.append(token)
             loss_weights.append(1.0 / (len(target) * len(rows)))  # mean over tokens, then rows
-    loss_tokens = torch.tensor(loss_tokens, device=device)[:, None]
+    loss_tokens = torch.tensor(loss_tokens, device=device)
     loss_weights = torch.tensor(loss_weights, device=device)
     stop_logp = math.log(hp.early_stop_prob)
 
@@ -79,24 +80,32 @@ def optimise_value(
             # suits every model and layer.
             scale = own_output[0].pow(2).mean().sqrt().item()
             optimizer = torch.optim.Adam([value], lr=hp.value_lr * scale)
-            best_loss, best_value, step = float("inf"), value.detach().clone(), 0
+            targets = TargetLogProbs(model, loss_rows, loss_cols, loss_tokens)
+            best_loss, best_value, step, done = float("inf"), value.detach().clone(), 0, False
             for step in range(hp.value_steps + 1):
                 optimizer.zero_grad()
                 hidden = runner.final_hidden(value[None, :] - arriving)  # output becomes `value` on every row
-                logp = runner.log_probs(hidden, loss_rows, loss_cols)
-                token_logp = logp.gather(1, loss_tokens).squeeze(1)
+                token_logp = targets(hidden)
                 loss = -(token_logp * loss_weights).sum()
                 if loss.item() < best_loss:
                     best_loss, best_value = loss.item(), value.detach().clone()
                 # Done once every target token is likely enough to be the greedy choice; a mean-loss
                 # threshold would keep polishing short targets and rarely stop long ones.
                 if token_logp.min().item() > stop_logp:
-                    best_loss, best_value = loss.item(), value.detach().clone()
-                    break
+                    if not targets.exact:
+                        token_logp = targets.full(hidden)
+                    if token_logp.min().item() > stop_logp:
+                        best_value, done = value.detach().clone(), True
+                        best_loss = -(token_logp * loss_weights).sum().item()
+                        break
                 if step == hp.value_steps:
                     break  # the last loss is measured, not followed by another update
                 loss.backward()
                 optimizer.step()
+            if not done:  # the best loss seen may come from a shortlist: measure it on the full vocabulary
+                with torch.no_grad():
+                    token_logp = targets.full(runner.final_hidden(best_value[None, :] - arriving))
+                best_loss = -(token_logp * loss_weights).sum().item()
     finally:
         model.train(was_training)
     return Value(value=best_value, keys=keys, loss=best_loss, steps=step)
