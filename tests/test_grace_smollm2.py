@@ -13,9 +13,10 @@ from peft import PeftModel
 from smollm2_helpers import REAL_MODEL
 from tiny_models import shared_data_dir
 
-from peft_edit import GraceConfig, get_edited_model
+from peft_edit import EditRequest, GraceConfig, get_edited_model
 from peft_edit.data import load_counterfact
 from peft_edit.evaluation.metrics import greedy_continuations, starts_with_answer
+from peft_edit.tuners.grace.layer import GraceLayer
 
 pytestmark = REAL_MODEL
 DATA = shared_data_dir() / "counterfact_rome_sample500.json"
@@ -81,3 +82,35 @@ def test_unload_gives_back_the_original_weights(smollm2, sequential):
     after = dict(base.named_parameters())
     assert set(after) == {n.replace(".base_layer", "") for n in before}
     assert all(torch.equal(after[n.replace(".base_layer", "")], p) for n, p in before.items())
+
+
+def test_a_split_after_an_expand_leaves_every_prompt_its_own_answer(smollm2, monkeypatch):
+    """A rephrase with the same target widens the first entry's ball; a third wording with another
+    target then splits it, halving that ball short of the rephrase. Each prompt keeps its answer:
+    the rephrase's own key was stored when the ball was widened for it."""
+    model, tokenizer = smollm2
+    prompts = [
+        "What is the capital city of France?",
+        "Which city is the capital of France?",
+        "What is the capital of France?",
+    ]
+    targets = ["Lyon", "Lyon", "Marseille"]
+    requests = [EditRequest(prompt=p, subject="France", target_new=t) for p, t in zip(prompts, targets)]
+    actions = []
+    placement = GraceLayer.placement
+
+    def recorded(self, *args, **kwargs):
+        found = placement(self, *args, **kwargs)
+        actions.append(found.action)
+        return found
+
+    monkeypatch.setattr(GraceLayer, "placement", recorded)
+    edited = get_edited_model(model, GraceConfig(), requests=requests[:1], tokenizer=tokenizer, progress=False)
+    try:
+        for request in requests[1:]:
+            edited.edit([request], progress=False)
+        assert actions == ["add", "expand", "split"]
+        outputs = greedy_continuations(edited, tokenizer, prompts, 3)
+        assert all(starts_with_answer(o, t) for o, t in zip(outputs, targets)), outputs
+    finally:
+        edited.unload_edits()
