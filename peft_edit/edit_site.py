@@ -240,23 +240,24 @@ class TargetLogProbs:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n,) log-probabilities of the targets; exact on refresh calls (see :attr:`exact`)."""
         picked = hidden[self.rows, self.columns]
-        refresh = self.shortlist is None or self._calls % self.refresh_every == 0
+        self.exact = self.shortlist is None or self._calls % self.refresh_every == 0
         self._calls += 1
-        self.exact = refresh
-        if refresh:
-            logits = logits_from_hidden(self.model, picked).float()
-            top = logits.detach().topk(min(self.per_position, logits.shape[-1]), dim=-1).indices
+        if self.exact:
+            logp = self._full_log_probs(picked)
+            top = logp.detach().topk(min(self.per_position, logp.shape[-1]), dim=-1).indices
             self.shortlist = torch.unique(torch.cat([top.reshape(-1), self.tokens.to(top.device)]))
-            return torch.log_softmax(logits, dim=-1).gather(1, self.tokens[:, None].to(top.device)).squeeze(1)
+            self._target_columns = torch.searchsorted(self.shortlist, self.tokens.to(top.device))[:, None]
+            return logp.gather(1, self.tokens[:, None].to(logp.device)).squeeze(1)
         logits = logits_from_hidden(self.model, picked, self.shortlist).float()
-        where = torch.searchsorted(self.shortlist, self.tokens.to(self.shortlist.device))
-        return torch.log_softmax(logits, dim=-1).gather(1, where[:, None]).squeeze(1)
+        return torch.log_softmax(logits, dim=-1).gather(1, self._target_columns).squeeze(1)
 
     @torch.no_grad()
     def full(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n,) exact log-probabilities of the targets (no gradient); the next call refreshes the
         shortlist, as the caller checks this when the shortlist may have drifted."""
         self.shortlist = None
-        picked = hidden[self.rows, self.columns]
-        logp = torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)
+        logp = self._full_log_probs(hidden[self.rows, self.columns])
         return logp.gather(1, self.tokens[:, None].to(logp.device)).squeeze(1)
+
+    def _full_log_probs(self, picked: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)
