@@ -11,6 +11,8 @@ does that).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -222,6 +224,21 @@ def test_a_saved_side_memory_holds_its_non_zero_entries_only_and_older_dense_fil
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(edited, tokenizer))
 
 
+def test_a_config_saved_before_the_optimizer_field_keeps_editing_with_sgd(llama, tmp_path):
+    _, tokenizer = llama
+    edited = get_edited_model(tiny_model("llama"), CONFIGS["wise"](), REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    edited.save_pretrained(tmp_path / "a")
+    assert PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a").peft_config["default"].optimizer == "adam"
+
+    config_file = tmp_path / "a" / "adapter_config.json"
+    older = json.loads(config_file.read_text())
+    del older["optimizer"]
+    older["lr"] = 1.0
+    config_file.write_text(json.dumps(older))
+    config = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a").peft_config["default"]
+    assert (config.optimizer, config.lr) == ("sgd", 1.0)
+
+
 def test_wise_shards_merge_into_one_memory_and_the_ledger_sizes_it(llama, tmp_path):
     _, tokenizer = llama
     config = CONFIGS["wise"](edits_per_shard=1, shards_per_memory=2)
@@ -349,6 +366,8 @@ def test_config_checks_fail_before_the_model_is_touched(llama):
         WiseConfig(mask_ratio=0)
     with pytest.raises(ValueError, match="edit_margin"):
         WiseConfig(edit_margin=0.1, irrelevant_margin=0.2)
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+        WiseConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="num_steps"):
         TPatcherConfig(num_steps=0)
     _, tokenizer = llama

@@ -75,15 +75,11 @@ def test_unrelated_facts_keep_their_answers(smol):
         assert greedy(edited, tokenizer, prompt) == before[prompt], (method, prompt)
 
 
-def test_a_prompt_of_the_same_form_keeps_its_answer(smol, request):
+def test_a_prompt_of_the_same_form_keeps_its_answer(smol):
+    # The Louvre's old answer is the edit's old answer (Paris): a router or patch that fires on the
+    # relation rather than the subject would move it to Rome.
     method, edited, tokenizer, before = smol
-    if method == "wise":
-        # Known gap: the Louvre prompt ("... is located in the city of", old answer Paris) reaches
-        # WISE's side memory (activation gap 1.4-1.7 times the threshold, as high as the edit's own).
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="WISE routes a same-form prompt to its memory")
-        )
-    assert greedy(edited, tokenizer, SAME_OLD_ANSWER) == before[SAME_OLD_ANSWER]
+    assert greedy(edited, tokenizer, SAME_OLD_ANSWER) == before[SAME_OLD_ANSWER], method
 
 
 def test_pipeline_answers_with_the_edit(smol):

@@ -147,7 +147,7 @@ class WiseTuner(WrappedTuner):
                 lr=config.lr,
                 early_stop_loss=config.early_stop_loss,
                 done=lambda: satisfied["margins"],
-                optimizer="sgd",
+                optimizer=config.optimizer,
             )
         return side_delta().detach()
 
