@@ -194,6 +194,9 @@ def cached_token_site_inputs(
 
 
 # ------------------------------------------------------------------------------------ training
+OPTIMIZERS = ("adam", "sgd")  # what train_added_output can step with
+
+
 @dataclass
 class TrainResult:
     nll: float  # mean negative log-likelihood of the targets at the end
@@ -250,7 +253,7 @@ def train_added_output(
         seen["x"], seen["added"] = x, added
         return (output.reshape(n_rows, -1, output.shape[-1]) + added.to(output.dtype)).view_as(output)
 
-    if optimizer not in ("adam", "sgd"):
+    if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
     optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(parameters, lr=lr)
     was_training = model.training

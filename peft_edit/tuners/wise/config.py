@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..site_training import OPTIMIZERS
 from ..wrapped.config import SiteTrainingConfig
 
 # WISE edits a late MLP: Llama-2-7B's block 27 of 32 in the paper and EasyEdit. Scaled to depth.
@@ -121,7 +122,7 @@ class WiseConfig(SiteTrainingConfig):
             raise ValueError("WiseConfig.mask_ratio and merge_density must be in (0, 1].")
         if not 0 < self.act_ratio <= 1:
             raise ValueError(f"WiseConfig.act_ratio must be in (0, 1], got {self.act_ratio}.")
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"WiseConfig.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}.")
         if self.irrelevant_weight < 0:
             raise ValueError(f"WiseConfig.irrelevant_weight must be >= 0, got {self.irrelevant_weight}.")
