@@ -214,6 +214,9 @@ class TargetLogProbs:
     tokens, taken from a full-vocabulary call every ``refresh_every`` calls (the first one
     included). Leaving the rest of the vocabulary out of the normaliser can only raise a
     log-probability, so a stop rule met on a shortlist must be confirmed with :meth:`full`.
+    Each call also records :attr:`on_top`, whether every target is its position's most likely
+    token: exact after a full-vocabulary call; after a shortlisted one a necessary condition only
+    (a token outside the shortlist may still beat a target).
 
     Args:
         model: the causal LM (its head gives the logits).
@@ -235,6 +238,7 @@ class TargetLogProbs:
         self.per_position, self.refresh_every = per_position, refresh_every
         self.shortlist: torch.Tensor | None = None  # sorted token ids
         self.exact = False  # whether the last call used the whole vocabulary
+        self.on_top = False  # whether every target was the argmax in the last call (see above)
         self._calls = 0
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -247,9 +251,9 @@ class TargetLogProbs:
             top = logp.detach().topk(min(self.per_position, logp.shape[-1]), dim=-1).indices
             self.shortlist = torch.unique(torch.cat([top.reshape(-1), self.tokens.to(top.device)]))
             self._target_columns = torch.searchsorted(self.shortlist, self.tokens.to(top.device))[:, None]
-            return logp.gather(1, self.tokens[:, None].to(logp.device)).squeeze(1)
+            return self._targets_of(logp, self.tokens[:, None].to(logp.device))
         logits = logits_from_hidden(self.model, picked, self.shortlist).float()
-        return torch.log_softmax(logits, dim=-1).gather(1, self._target_columns).squeeze(1)
+        return self._targets_of(torch.log_softmax(logits, dim=-1), self._target_columns)
 
     @torch.no_grad()
     def full(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -257,7 +261,13 @@ class TargetLogProbs:
         shortlist, as the caller checks this when the shortlist may have drifted."""
         self.shortlist = None
         logp = self._full_log_probs(hidden[self.rows, self.columns])
-        return logp.gather(1, self.tokens[:, None].to(logp.device)).squeeze(1)
+        return self._targets_of(logp, self.tokens[:, None].to(logp.device))
+
+    def _targets_of(self, logp: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The targets' entries of ``logp`` (n, vocabulary or shortlist); records :attr:`on_top`."""
+        picked = logp.gather(1, columns).squeeze(1)
+        self.on_top = bool((picked.detach() >= logp.detach().max(dim=-1).values).all())
+        return picked
 
     def _full_log_probs(self, picked: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)

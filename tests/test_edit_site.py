@@ -178,3 +178,23 @@ def test_target_log_probs_pass_gradients_through_the_shortlist():
     targets(hidden)
     targets(hidden).sum().backward()
     assert hidden.grad[0, 1].abs().sum() > 0 and hidden.grad[0, 0].abs().sum() == 0
+
+
+def test_target_log_probs_record_whether_every_target_is_the_argmax():
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    hidden = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    rows, columns = [0, 0, 1], [1, 3, 2]
+    best = logits_from_hidden(model, hidden[rows, columns]).argmax(-1)
+    runner_up = logits_from_hidden(model, hidden[rows, columns]).topk(2, dim=-1).indices[:, 1]
+    on_top = TargetLogProbs(model, rows, columns, best, per_position=4, refresh_every=3)
+    for _ in range(3):  # the refresh call, then two shortlisted ones
+        on_top(hidden)
+        assert on_top.on_top
+    one_below = TargetLogProbs(model, rows, columns, torch.cat([best[:2], runner_up[2:]]), per_position=4)
+    for _ in range(2):
+        one_below(hidden)
+        assert not one_below.on_top
+    one_below.full(hidden)
+    assert not one_below.on_top
+    on_top.full(hidden)
+    assert on_top.on_top

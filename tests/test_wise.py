@@ -20,7 +20,16 @@ from safetensors.torch import load_file, save_file
 from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
-from peft_edit.tuners.wise.algorithm import margin_loss, running_mean_gaps, ties_merge
+from peft_edit.tuners.site_training import train_added_output
+from peft_edit.tuners.wise.algorithm import (
+    margin_loss,
+    memory_threshold,
+    routes_apart,
+    running_mean_gaps,
+    segment_running_means,
+    ties_merge,
+    token_gaps,
+)
 from peft_edit.tuners.wise.layer import RoutingContext, WiseLayer
 from peft_edit.tuners.wise.storage import pack, unpack
 from peft_edit.tuners.wrapped import CannotMergeError
@@ -232,11 +241,36 @@ def test_a_config_saved_before_the_optimizer_field_keeps_editing_with_sgd(llama,
 
     config_file = tmp_path / "a" / "adapter_config.json"
     older = json.loads(config_file.read_text())
-    del older["optimizer"]
+    del older["optimizer"], older["stop_rule"]
     older["lr"] = 1.0
     config_file.write_text(json.dumps(older))
     config = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a").peft_config["default"]
-    assert (config.optimizer, config.lr) == ("sgd", 1.0)
+    assert (config.optimizer, config.lr, config.stop_rule) == ("sgd", 1.0, "margins")
+
+
+def _training_steps(monkeypatch, llama, **config) -> int:
+    import peft_edit.tuners.wise.model as wise_model
+
+    steps = []
+
+    def counted(*args, **kwargs):
+        result = train_added_output(*args, **kwargs)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(wise_model, "train_added_output", counted)
+    _, tokenizer = llama
+    config = WiseConfig(num_steps=60, context_templates_per_length=0, **config)
+    get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    return steps[0]
+
+
+def test_the_routing_stop_rule_ends_training_once_the_target_is_learnt_and_routed_apart(llama, monkeypatch):
+    assert _training_steps(monkeypatch, llama, stop_rule="margins") == 60  # the margins never all hold here
+    assert _training_steps(monkeypatch, llama, stop_rule="routing") < 60
+    # An unrelated text the router cannot leave alone (the edit's own prompt): no early stop.
+    same = [REQUESTS[0].filled_prompt]
+    assert _training_steps(monkeypatch, llama, stop_rule="routing", unrelated_texts=same) == 60
 
 
 def test_wise_shards_merge_into_one_memory_and_the_ledger_sizes_it(llama, tmp_path):
@@ -326,6 +360,30 @@ def test_router_ignores_padding():
     torch.testing.assert_close(with_padding[:, 2:], plain)
 
 
+def test_running_means_of_texts_laid_end_to_end_restart_at_each_text():
+    texts = [torch.rand(3), torch.rand(1), torch.rand(4)]
+    expected = torch.cat([running_mean_gaps(t[None], torch.ones(1, len(t), dtype=torch.bool))[0] for t in texts])
+    torch.testing.assert_close(segment_running_means(torch.cat(texts), [3, 1, 4]), expected)
+
+
+@torch.no_grad()
+def test_the_training_stop_check_agrees_with_the_router_on_which_texts_are_left_alone():
+    layer = _toy_wise_layer(threshold=1.0)
+    delta = layer.wise_delta["default"][0]
+    texts = [torch.randn(1, n, 4) * scale for n, scale in [(3, 0.3), (5, 1.0), (2, 3.0)]]
+    gaps = [token_gaps(t[0], delta) for t in texts]
+    layer.routing.attention_mask = None
+    for threshold in [0.1, 1.0, 3.0, 100.0]:
+        layer.wise_threshold["default"].data.fill_(threshold)
+        left_alone = all(torch.equal(layer(t), layer.base_layer(t)) for t in texts)
+        assert routes_apart(torch.cat(gaps), [3, 5, 2], threshold) == left_alone
+    assert routes_apart(torch.cat(gaps), [3, 5, 2], 100.0)
+    assert not routes_apart(torch.cat(gaps), [3, 5, 2], 0.1)
+    # The threshold the stop check uses is the memory's: a fraction of its prompts' smallest mean gap.
+    threshold = memory_threshold([t[0] for t in texts], delta, act_ratio=0.5)
+    torch.testing.assert_close(threshold, 0.5 * torch.stack([g.mean() for g in gaps]).min())
+
+
 def test_margins_hold_only_once_unrelated_gaps_are_below_alpha_on_average():
     edit = torch.tensor([5.0, 6.0])
     # Edit above beta and apart by gamma, but unrelated text averages above alpha: keep training.
@@ -368,6 +426,8 @@ def test_config_checks_fail_before_the_model_is_touched(llama):
         WiseConfig(edit_margin=0.1, irrelevant_margin=0.2)
     with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
         WiseConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="stop_rule must be one of"):
+        WiseConfig(stop_rule="loss")
     with pytest.raises(ValueError, match="num_steps"):
         TPatcherConfig(num_steps=0)
     _, tokenizer = llama

@@ -219,14 +219,18 @@ def train_added_output(
     done: Callable[[], bool] = lambda: True,
     after_step: Callable[[], None] = lambda: None,
     optimizer: str = "adam",
+    learnt_at_argmax: bool = False,
 ) -> TrainResult:
     """Adam (or plain SGD: ``optimizer="sgd"``) on ``parameters`` so that ``site``'s output plus ``added_output(x)`` makes the model emit the targets.
 
     ``added_output(x)`` maps the site's input (rows, T, in) to what is added to its output
     (rows, T, out), at every position. The loss is the targets' mean NLL (over tokens, then rows)
-    plus ``extra_loss(x, added)``. Optimisation stops after ``steps`` or once the NLL is below
-    ``early_stop_loss`` and ``done()`` says the method's own constraints hold. ``after_step`` runs
-    after each update (e.g. to project the parameters back onto a constraint set).
+    plus ``extra_loss(x, added)``. Optimisation stops after ``steps`` or once the targets are
+    learnt and ``done()`` says the method's own constraints hold. Learnt means an NLL below
+    ``early_stop_loss``, or, with ``learnt_at_argmax``, every target token its position's most
+    likely one (what greedy decoding of the training rows would emit); either is confirmed on the
+    full vocabulary. ``after_step`` runs after each update (e.g. to project the parameters back
+    onto a constraint set).
     """
     batch = rows.batch
     n_rows = batch.input_ids.shape[0]
@@ -265,6 +269,10 @@ def train_added_output(
             try:
                 zero = torch.zeros(runner.site_output.shape[-1], device=device)
                 targets = TargetLogProbs(model, nll_rows, nll_cols, nll_tokens_t)
+
+                def learnt() -> bool:
+                    return nll_value < early_stop_loss or (learnt_at_argmax and targets.on_top)
+
                 for step in range(1, steps + 1):
                     optimizer.zero_grad()
                     hidden = runner.final_hidden(zero)
@@ -275,12 +283,11 @@ def train_added_output(
                         raise FloatingPointError(
                             f"The edit's training loss became {loss.item()} at step {step}; lower the learning rate."
                         )
-                    if (nll_value < early_stop_loss or step == steps) and not targets.exact:
-                        # A shortlist's NLL is a lower bound: stop, and report, on the full vocabulary's.
+                    if (step == steps or learnt() and done()) and not targets.exact:
+                        # A shortlist's NLL is a lower bound and its argmax a candidate: stop, and
+                        # report, on the full vocabulary's.
                         nll_value = -(targets.full(hidden) * nll_weights_t).sum().item()
-                    if nll_value < early_stop_loss and done():
-                        break
-                    if step == steps:
+                    if step == steps or learnt() and done():
                         break  # the last loss is measured, not followed by another update
                     loss.backward()
                     optimizer.step()

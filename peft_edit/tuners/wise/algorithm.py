@@ -34,6 +34,30 @@ def running_mean_gaps(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (gaps * valid).cumsum(-1) / valid.cumsum(-1).clamp(min=1)
 
 
+def segment_running_means(gaps: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """:func:`running_mean_gaps` of texts laid end to end: gaps (sum(lengths),) -> the same shape."""
+    if not lengths:
+        return gaps
+    lengths_t = torch.tensor(lengths, device=gaps.device)
+    text = torch.repeat_interleave(torch.arange(len(lengths), device=gaps.device), lengths_t)
+    starts = torch.cumsum(lengths_t, 0) - lengths_t
+    total = gaps.cumsum(0)
+    before = torch.cat([total.new_zeros(1), total])[starts]  # the sum up to each text's start
+    position = torch.arange(gaps.shape[0], device=gaps.device) - starts[text] + 1
+    return (total - before[text]) / position
+
+
+def memory_threshold(prompt_keys: list[torch.Tensor], delta: torch.Tensor, act_ratio: float) -> torch.Tensor:
+    """A memory's routing threshold: ``act_ratio`` times the smallest mean gap over its edits' prompts."""
+    return act_ratio * torch.stack([token_gaps(k, delta).mean() for k in prompt_keys]).min()
+
+
+def routes_apart(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: float) -> bool:
+    """Whether the router would leave every unrelated text alone: its running-mean gap at no token
+    above ``threshold``. ``unrelated_gaps`` are the texts' token gaps laid end to end."""
+    return bool((segment_running_means(unrelated_gaps, lengths) <= threshold).all())
+
+
 def margin_loss(
     edit_gaps: torch.Tensor,
     unrelated_gaps: torch.Tensor,

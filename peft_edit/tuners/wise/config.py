@@ -9,6 +9,7 @@ from ..wrapped.config import SiteTrainingConfig
 
 # WISE edits a late MLP: Llama-2-7B's block 27 of 32 in the paper and EasyEdit. Scaled to depth.
 DEFAULT_LAYER_FRACTION = 27 / 32
+STOP_RULES = ("margins", "routing")
 
 
 @dataclass
@@ -105,6 +106,18 @@ class WiseConfig(SiteTrainingConfig):
             "brought the NLL to ~0.15-0.19 in the same steps."
         },
     )
+    stop_rule: str = field(
+        default="margins",
+        metadata={
+            "help": "When an edit's training stops before num_steps. 'margins' (the paper's losses as the "
+            "rule): once the NLL is below early_stop_loss and every margin holds; on SmolLM2 they come "
+            "within a few per cent but rarely all hold, so edits take num_steps. 'routing' (faster, less "
+            "general): once every target token is the most likely one (or the NLL is below early_stop_loss) "
+            "and the router, with the threshold the memory would get, sends none of the unrelated texts to "
+            "the memory; on 30 zsRE edits it took 5 s per edit against 30 s, with generalization 0.71 "
+            "against 0.86 teacher-forced (greedy 0.40 against 0.57) and reliability 0.94 against 1.00."
+        },
+    )
     replay: bool = field(
         default=True,
         metadata={
@@ -124,6 +137,8 @@ class WiseConfig(SiteTrainingConfig):
             raise ValueError(f"WiseConfig.act_ratio must be in (0, 1], got {self.act_ratio}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"WiseConfig.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}.")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"WiseConfig.stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}.")
         if self.irrelevant_weight < 0:
             raise ValueError(f"WiseConfig.irrelevant_weight must be >= 0, got {self.irrelevant_weight}.")
         if self.edit_margin <= self.irrelevant_margin:

@@ -14,7 +14,15 @@ from ..site_training import (
     train_added_output,
 )
 from ..wrapped import WrappedTuner
-from .algorithm import margin_loss, running_mean_gaps, shard_mask, ties_merge, token_gaps
+from .algorithm import (
+    margin_loss,
+    memory_threshold,
+    routes_apart,
+    running_mean_gaps,
+    shard_mask,
+    ties_merge,
+    token_gaps,
+)
 from .config import WiseConfig
 from .layer import RoutingContext, WiseLayer
 from .storage import pack_state_dict, unpack_state_dict
@@ -80,21 +88,19 @@ class WiseTuner(WrappedTuner):
         other_requests = [r for entry in config.edits[: edit_index - position] for r in _requests(entry)]
         replayed = shard_requests if config.replay else []
         texts = list(config.unrelated_texts or UNRELATED_TEXTS)
-        unrelated = torch.cat(cached_site_inputs(self.model, config.layer, layer, tokenizer, texts))
+        ordinary = cached_site_inputs(self.model, config.layer, layer, tokenizer, texts)
         # The margins are relative to how much the projection emits on ordinary text.
-        scale = (unrelated @ weight_out_in(layer.get_base_layer()).float().T).norm(dim=-1).mean().item()
+        scale = (torch.cat(ordinary) @ weight_out_in(layer.get_base_layer()).float().T).norm(dim=-1).mean().item()
         others = [r.filled_prompt for r in other_requests[-MAX_OTHER_EDITS:]]
-        unrelated = torch.cat(
-            [unrelated, *cached_site_inputs(self.model, config.layer, layer, tokenizer, others)]
-        )
-
-        shard_id = memory * config.shards_per_memory + shard  # every shard draws its own subspace
-        delta = self._train_shard(
-            config, layer, tokenizer, request, replayed, unrelated, scale, shard_id, start
-        )
+        unrelated = ordinary + cached_site_inputs(self.model, config.layer, layer, tokenizer, others)
 
         # The threshold is learned from the edits the memory holds: a fraction of their smallest gap.
         held_requests = shard_requests + [request]
+        shard_id = memory * config.shards_per_memory + shard  # every shard draws its own subspace
+        delta = self._train_shard(
+            config, layer, tokenizer, request, replayed, held_requests, unrelated, scale, shard_id, start
+        )
+
         first_slot, deltas = slot, delta[None]
         if shard == config.shards_per_memory - 1 and position == config.edits_per_shard - 1 and shard > 0:
             first_slot = slot - shard  # the memory's first shard: all of them are merged into it
@@ -107,8 +113,14 @@ class WiseTuner(WrappedTuner):
         threshold = self._threshold(config, layer, tokenizer, deltas[0], held_requests)
         return {target: (first_slot, deltas, threshold[None])}
 
-    def _train_shard(self, config, layer, tokenizer, request, replayed, unrelated, scale, shard_id, start):
+    def _train_shard(
+        self, config, layer, tokenizer, request, replayed, held_requests, unrelated, scale, shard_id, start
+    ):
+        """The shard's delta after training; ``unrelated`` holds the site keys of each unrelated text."""
         d_in, d_out = in_out_features(layer.base_layer)
+        lengths = [k.shape[0] for k in unrelated]
+        unrelated = torch.cat(unrelated)
+        held_keys = self._prompt_keys(config, layer, tokenizer, held_requests)
         device = unrelated.device
         mask = shard_mask(d_out, d_in, config.mask_ratio, config.seed, shard_id, device=device)
         base = start if start is not None else torch.zeros(d_out, d_in, device=device)
@@ -119,17 +131,22 @@ class WiseTuner(WrappedTuner):
         alpha, beta, gamma = (
             m * scale for m in (config.irrelevant_margin, config.edit_margin, config.gap_margin)
         )
-        satisfied = {"margins": False}
+        satisfied = {"margins": False, "routing": False}
 
         def side_delta():
             return base + mask * trainable
 
         def routing_loss(x, added):
+            delta = side_delta()
             edit_gaps = running_mean_gaps(added.norm(dim=-1), valid)[predicting]
-            unrelated_gaps = token_gaps(unrelated, side_delta())
+            unrelated_gaps = token_gaps(unrelated, delta)
             loss, satisfied["margins"] = margin_loss(
                 edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight
             )
+            if config.stop_rule == "routing":
+                with torch.no_grad():
+                    threshold = memory_threshold(held_keys, delta, config.act_ratio).item()
+                    satisfied["routing"] = routes_apart(unrelated_gaps, lengths, threshold)
             # In units of the projection's output norm, like the margins, so it weighs as much as the NLL.
             return loss / scale
 
@@ -146,17 +163,17 @@ class WiseTuner(WrappedTuner):
                 steps=config.num_steps,
                 lr=config.lr,
                 early_stop_loss=config.early_stop_loss,
-                done=lambda: satisfied["margins"],
+                done=lambda: satisfied[config.stop_rule],
                 optimizer=config.optimizer,
+                learnt_at_argmax=config.stop_rule == "routing",
             )
         return side_delta().detach()
 
     def _threshold(self, config, layer, tokenizer, delta, requests) -> torch.Tensor:
-        keys = cached_site_inputs(
-            self.model, config.layer, layer, tokenizer, [r.filled_prompt for r in requests]
-        )
-        gaps = torch.stack([token_gaps(k, delta).mean() for k in keys])
-        return config.act_ratio * gaps.min()
+        return memory_threshold(self._prompt_keys(config, layer, tokenizer, requests), delta, config.act_ratio)
+
+    def _prompt_keys(self, config, layer, tokenizer, requests) -> list[torch.Tensor]:
+        return cached_site_inputs(self.model, config.layer, layer, tokenizer, [r.filled_prompt for r in requests])
 
 
 def _requests(entry):
