@@ -144,6 +144,7 @@ class WiseTuner(WrappedTuner):
                 edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight
             )
             if config.stop_rule == "routing":
+                # The threshold this shard gets (a shard about to be merged: its own, not the merged memory's).
                 with torch.no_grad():
                     threshold = memory_threshold(held_keys, delta, config.act_ratio).item()
                     satisfied["routing"] = routes_apart(unrelated_gaps, lengths, threshold)
