@@ -90,34 +90,3 @@ def test_pipeline_answers_with_the_edit(smol):
     text = generate(PROMPT, max_new_tokens=3, do_sample=False, return_full_text=False)[0]["generated_text"]
     assert text.strip().startswith("Rome"), method
 
-
-def test_wise_routing_stop_rule_edits_in_fewer_steps_and_leaves_other_facts(smollm2, monkeypatch):
-    # The faster, opt-in rule: both edits hold and other facts keep their answers, in fewer steps
-    # than the default takes (its paraphrase is not asserted: it does not follow, see the README).
-    import peft_edit.tuners.wise.model as wise_model
-    from peft_edit.tuners.site_training import train_added_output
-
-    model, tokenizer = smollm2
-    probes = [*UNRELATED, SAME_OLD_ANSWER]
-    before = {p: greedy(model, tokenizer, p) for p in probes}
-    steps = []
-
-    def counted(*args, **kwargs):
-        result = train_added_output(*args, **kwargs)
-        steps.append(result.steps)
-        return result
-
-    monkeypatch.setattr(wise_model, "train_added_output", counted)
-    config = WiseConfig(stop_rule="routing")
-    edited = get_edited_model(model, config, requests=[EIFFEL], tokenizer=tokenizer, progress=False)
-    try:
-        edited.edit([JORDAN], progress=False)
-        assert greedy(edited, tokenizer, PROMPT).strip().startswith("Rome")
-        assert greedy(edited, tokenizer, "Michael Jordan plays the sport of").strip().startswith("soccer")
-        new, old = first_token_logprobs(edited, tokenizer, PROMPT, ["Rome", "Paris"])
-        assert new > old
-        for prompt in probes:
-            assert greedy(edited, tokenizer, prompt) == before[prompt], prompt
-        assert len(steps) == 2 and max(steps) < config.num_steps, steps
-    finally:
-        edited.unload_edits()
