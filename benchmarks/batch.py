@@ -3,6 +3,8 @@
     python benchmarks/batch.py                                   # batch 10, 50, 100; sequential 10 x 10
     python benchmarks/batch.py --batch-sizes 1000 --sequential 10x100
     python benchmarks/batch.py --stats-only                      # one pass over the corpus vs one per layer
+    python benchmarks/batch.py --batch-sizes 1000 --sequential \
+        --variant alphaedit:regularization=0.5 --variant memit:mom2_update_weight=100   # config variants
 
 CounterFact cases (ROME's schema, ``counterfact_rome_sample500.json``; larger batches take the
 EasyEdit file's records after them). For each run: probability scores (efficacy / paraphrase /
@@ -10,7 +12,8 @@ neighborhood), teacher-forced token accuracy, greedy generation, seconds per edi
 through :func:`peft_edit.evaluation.evaluate` (batch protocol; sequential with ``edit_batch_size``).
 Covariance statistics come from WikiText (20k tokens) and are timed separately: all five edited
 layers in one pass against one pass per layer. Writes ``benchmarks/results/batch.json`` and a
-PNG of scores against the number of edits.
+PNG of scores against the number of edits. Each row records the config fields it overrode, and
+rows with different overrides are kept side by side.
 """
 
 from __future__ import annotations
@@ -79,21 +82,35 @@ def time_statistics(model, tokenizer, layers: list[int], samples: int) -> dict:
     }
 
 
-def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, overrides: dict):
+def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, overrides: dict, args):
     config = edit_method_config(method, **{"stats_corpus": WIKITEXT, **overrides})
     kwargs = (
-        {"edit_batch_size": edit_batch_size, "eval_every": edit_batch_size}
+        {
+            "edit_batch_size": edit_batch_size,
+            "eval_every": args.eval_every or edit_batch_size,
+            # A long sequential run shows each point as it is scored.
+            "on_curve_point": lambda point: print(json.dumps({"method": method, **point}), flush=True),
+        }
         if protocol == "sequential"
         else {}
     )
     result = evaluate(
-        model, tokenizer, cases, config, protocol, generation_tokens=0, reference=reference, **kwargs
+        model,
+        tokenizer,
+        cases,
+        config,
+        protocol,
+        generation_tokens=0,
+        batch_size=args.score_batch_size,
+        reference=reference,
+        **kwargs,
     )
     row = {
         "method": method,
         "protocol": protocol,
         "edits": len(cases),
         "edit_batch_size": edit_batch_size or len(cases),
+        "overrides": overrides,
         **{k: result.summary.get(k) for k in KEYS},
         "unedited": {k: result.baseline.get(k) for k in KEYS if k in result.baseline},
     }
@@ -138,6 +155,26 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"])
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
     parser.add_argument("--sequential", nargs="*", default=["10x10"], help="BATCHESxSIZE runs (AlphaEdit)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="sequential runs: score every this many edits (default: each batch)",
+    )
+    parser.add_argument(
+        "--score-batch-size",
+        type=int,
+        default=32,
+        help="prompts per forward pass when scoring (larger on a GPU)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="METHOD:FIELD=VALUE[,FIELD=VALUE]",
+        help="instead of --methods: one method with these fields set (on top of --set), run at every batch size; "
+        "repeat for several variants",
+    )
     parser.add_argument("--stats-only", action="store_true")
     parser.add_argument("--no-stats", action="store_true", help="skip timing the covariance statistics")
     parser.add_argument(
@@ -147,7 +184,9 @@ def main() -> None:
     add_device_argument(parser)
     args = parser.parse_args()
     # The sequential runs are AlphaEdit's.
-    overrides = parse_overrides(args.set, sorted({*args.methods, "alphaedit"}))
+    methods = sorted({*args.methods, "alphaedit", *(v.partition(":")[0] for v in args.variant)})
+    overrides = parse_overrides(args.set, methods)
+    variants = [parse_variant(v) for v in args.variant] or [(m, {}) for m in args.methods]
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2", device=args.device)
@@ -163,21 +202,34 @@ def main() -> None:
     save(output, args.output)
     if args.stats_only:
         return
-    plan = [(method, "batch", n, None) for method in args.methods for n in args.batch_sizes]
+    plan = [
+        (method, "batch", n, None, {**overrides[method], **changed})
+        for method, changed in variants
+        for n in args.batch_sizes
+    ]
     for spec in args.sequential:
         batches, size = (int(x) for x in spec.split("x"))
-        plan.append(("alphaedit", "sequential", batches * size, size))
-    cases = cases_for(max(n for _, _, n, _ in plan))
+        plan.append(("alphaedit", "sequential", batches * size, size, overrides["alphaedit"]))
+    cases = cases_for(max(n for _, _, n, *_ in plan))
     started = time.perf_counter()
-    reference = pre_edit_reference(model, tokenizer, cases, ScoreSettings(generation_tokens=0), [])
+    reference = pre_edit_reference(
+        model, tokenizer, cases, ScoreSettings(batch_size=args.score_batch_size, generation_tokens=0), []
+    )
     print(f"unedited model scored on {len(cases)} cases in {time.perf_counter() - started:.1f} s")
-    for method, protocol, n, size in plan:
-        row = run(model, tokenizer, method, cases[:n], protocol, size, reference.subset(n), overrides[method])
+    for method, protocol, n, size, fields in plan:
+        row = run(model, tokenizer, method, cases[:n], protocol, size, reference.subset(n), fields, args)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         # Saved after every run: a long sweep that is stopped keeps what it finished.
         output["runs"] = [r for r in output["runs"] if _run_key(r) != _run_key(row)] + [row]
         save(output, args.output)
         plot(output["runs"], args.output.with_suffix(".png"))
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"METHOD:FIELD=VALUE,FIELD=VALUE"`` (or ``"METHOD"``) as ``(method, {field: value})``."""
+    method, _, fields = spec.partition(":")
+    items = [item for item in fields.split(",") if item]
+    return method, parse_overrides(items, [method])[method]
 
 
 def resident_mb() -> float:
@@ -189,7 +241,8 @@ def resident_mb() -> float:
 
 
 def _run_key(row: dict) -> tuple:
-    return row["method"], row["protocol"], row["edits"], row["edit_batch_size"]
+    overrides = json.dumps(row.get("overrides", {}), sort_keys=True)
+    return row["method"], row["protocol"], row["edits"], row["edit_batch_size"], overrides
 
 
 def save(output: dict, path: Path) -> None:
