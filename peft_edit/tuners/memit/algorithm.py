@@ -40,7 +40,8 @@ Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 def compute_deltas(
     model, tokenizer, requests, layout, last_layer, templates, hp, hidden_norms, progress=None
 ) -> torch.Tensor:
-    """Step 1: δ_i (N, out) at block ``last_layer``'s MLP output, optimised ``hp.v_batch_size`` requests at a time.
+    """Step 1: δ_i (N, out) at block ``last_layer``'s MLP output, optimised a few requests at a time
+    (``hp.value_batch_size``).
 
     As in MEMIT, ||δ_i|| is clamped relative to the hidden state at that block (``hidden_norms``,
     (N,)), not to the MLP's output as in ROME.
@@ -48,8 +49,9 @@ def compute_deltas(
     site = model.get_submodule(mlp_out_name(layout, last_layer))
     device = next(model.parameters()).device
     deltas = []
-    for start in range(0, len(requests), hp.v_batch_size):
-        chunk = requests[start : start + hp.v_batch_size]
+    per_batch = hp.value_batch_size(device)
+    for start in range(0, len(requests), per_batch):
+        chunk = requests[start : start + per_batch]
         problem = ValueProblem(tokenizer, chunk, templates, hp.kl_prompts, pad_token_id(tokenizer), device)
         with EditSiteRunner(model, layout, last_layer, site, problem.batch) as runner:
             found = optimise_deltas(runner, problem, hp, scale=hidden_norms[start : start + len(chunk)])

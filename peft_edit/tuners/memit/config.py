@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ...architectures import UnsupportedModelError, mlp_out_name, num_layers
@@ -15,6 +16,10 @@ from ..locate.config import LocateThenEditConfig
 # ending at round(depth / 4).
 DEFAULT_WINDOW = 5
 DEFAULT_LAST_LAYER_FRACTION = 1 / 4
+
+# Requests per value optimisation when v_batch_size is None (see its help).
+CPU_VALUE_BATCH = 4
+ACCELERATOR_VALUE_BATCH = 32
 
 
 def default_edit_layers(depth: int) -> list[int]:
@@ -51,10 +56,13 @@ class MemitConfig(LocateThenEditConfig):
     context_templates_per_length: int = field(
         default=5, metadata={"help": "Sampled prefixes per length (plus the bare prompt): MEMIT's 5."}
     )
-    v_batch_size: int = field(
-        default=8,
+    v_batch_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Requests whose δ are optimised together (bounds memory; results do not depend on it)."
+            "help": "Requests whose δ are optimised together: bounds memory, results do not depend on it. "
+            "Default: 4 on the CPU, where a larger batch barely saves time while its autograd graph grows "
+            "with it (SmolLM2, 16 requests: 8 at a time peaked 0.95 GB above the loaded model, 4 at a time "
+            "0.49 GB and took 6% longer); 32 on an accelerator, where batching is what makes it fast."
         },
     )
 
@@ -72,8 +80,14 @@ class MemitConfig(LocateThenEditConfig):
                 raise ValueError(f"{name}.layers must be increasing without repeats, got {self.layers}.")
         if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
             raise ValueError(f"{name}.mom2_update_weight must be >= 0.")
-        if self.v_batch_size < 1:
-            raise ValueError(f"{name}.v_batch_size must be at least 1.")
+        if self.v_batch_size is not None and self.v_batch_size < 1:
+            raise ValueError(f"{name}.v_batch_size must be at least 1 (or None for the device's default).")
+
+    def value_batch_size(self, device: torch.device | str) -> int:
+        """``v_batch_size``, or its default for ``device`` (4 on the CPU, 32 elsewhere)."""
+        if self.v_batch_size is not None:
+            return self.v_batch_size
+        return CPU_VALUE_BATCH if torch.device(device).type == "cpu" else ACCELERATOR_VALUE_BATCH
 
     def choose_target_modules(self, model: nn.Module) -> list[str]:
         layout = self.layout(model)

@@ -34,7 +34,7 @@ class MemitTuner(DeltaTuner):
             with tqdm(
                 total=len(requests),
                 desc=f"{config.method}: target values",
-                disable=len(requests) < 2 * config.v_batch_size,
+                disable=len(requests) < 2 * config.value_batch_size(next(self.model.parameters()).device),
                 leave=False,
             ) as bar:
                 deltas = compute_deltas(
