@@ -16,7 +16,9 @@ class AlphaEditConfig(MemitConfig):
         metadata={
             "help": "Covariance eigen-directions whose eigenvalue is below this times the mean eigenvalue form "
             "the null space the update is confined to (relative, so it carries across models; on SmolLM2 it "
-            "keeps ~3/4 of the directions, as AlphaEdit's absolute 2e-2 does on its models)."
+            "keeps ~3/4 of the directions, as AlphaEdit's absolute 2e-2 does on its models, but SmolLM2's "
+            "spectrum is flat: those directions still hold ~30% of ordinary text's key energy, see "
+            "benchmarks/nullspace.py)."
         },
     )
     regularization: float = field(
