@@ -60,6 +60,15 @@ def cases_for(n: int):
     return cases
 
 
+def smollm2_for_alphaedit(device):
+    """SmolLM2, its tokenizer and AlphaEdit's default config with WikiText statistics, layers chosen."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2", device=device)
+    config = edit_method_config("alphaedit", stats_corpus=WIKITEXT)
+    config.choose_target_modules(model)
+    return model, tokenizer, config
+
+
 def time_statistics(model, tokenizer, layers: list[int], samples: int) -> dict:
     """Seconds for all ``layers`` in one pass against one pass per layer (no cache either way)."""
     started = time.perf_counter()

@@ -22,12 +22,10 @@ import json
 from pathlib import Path
 
 import torch
-from batch import WIKITEXT, cases_for
+from batch import cases_for, smollm2_for_alphaedit
 from common import RESULTS, add_device_argument
 
 import peft_edit  # noqa: F401  (registers the methods)
-from peft_edit.cli import load_model
-from peft_edit.registration import edit_method_config
 from peft_edit.tuners.alphaedit.algorithm import nullspace_projector, projected_factors
 from peft_edit.tuners.memit.algorithm import RequestRows, least_squares_factors
 from peft_edit.tuners.per_model import context_templates, second_moments
@@ -67,10 +65,7 @@ def main() -> None:
     add_device_argument(parser)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2", device=args.device)
-    config = edit_method_config("alphaedit", stats_corpus=WIKITEXT)
-    config.choose_target_modules(model)
+    model, tokenizer, config = smollm2_for_alphaedit(args.device)
     layers = args.layers or [config.layers[0], config.layers[-1]]
     layout = config.layout(model)
     moments = second_moments(model, tokenizer, config, layers)

@@ -18,15 +18,13 @@ import json
 import time
 
 import torch
-from batch import WIKITEXT, cases_for
+from batch import KEYS, cases_for, smollm2_for_alphaedit
 from common import RESULTS, add_device_argument
 
 import peft_edit  # noqa: F401  (registers the methods)
 from peft_edit.architectures import mlp_out_name
-from peft_edit.cli import load_model
 from peft_edit.evaluation import ScoreSettings
 from peft_edit.evaluation.scoring import case_metrics, run_probes, summarize
-from peft_edit.registration import edit_method_config
 from peft_edit.tuners.alphaedit.algorithm import nullspace_projector, projected_factors
 from peft_edit.tuners.memit.algorithm import (
     RequestRows,
@@ -37,14 +35,7 @@ from peft_edit.tuners.memit.algorithm import (
 )
 from peft_edit.tuners.per_model import context_templates, second_moments
 
-SCORES = [
-    "efficacy_prob",
-    "paraphrase_prob",
-    "neighborhood_prob",
-    "reliability_tf",
-    "generalization_tf",
-    "locality_tf",
-]
+SCORES = [key for key in KEYS if key.endswith(("_prob", "_tf"))]  # no generation here
 
 
 def solves(moments: dict[int, torch.Tensor], layers: list[int]) -> dict:
@@ -79,10 +70,7 @@ def main() -> None:
     add_device_argument(parser)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2", device=args.device)
-    config = edit_method_config("alphaedit", stats_corpus=WIKITEXT)
-    config.choose_target_modules(model)
+    model, tokenizer, config = smollm2_for_alphaedit(args.device)
     layers, layout = list(config.layers), config.layout(model)
     moments = second_moments(model, tokenizer, config, layers)
     templates = context_templates(model, tokenizer, config)
