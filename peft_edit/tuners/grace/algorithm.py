@@ -24,6 +24,13 @@ from torch import nn
 from ...architectures import Layout
 from ...edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 
+# Adam's moment decay for the value. The value travels far (about 15-20 times the module's own
+# output on SmolLM2) in few steps, and shorter memories than torch's (0.9, 0.999) follow the
+# changing gradient sooner: with the learning rate at 2, SmolLM2 reached every target in 40 % fewer
+# steps on 19 hallucination corrections (605 against 1,017) and 36 % fewer on 39 zsRE questions
+# (328 against 510); the same betas at learning rate 1 saved 25 %, learning rate 2 alone 17 %.
+VALUE_BETAS = (0.8, 0.99)
+
 
 @dataclass
 class Value:
@@ -79,7 +86,7 @@ def optimise_value(
             # The step size scales with the module's output (its RMS per coordinate), so one default
             # suits every model and layer.
             scale = own_output[0].pow(2).mean().sqrt().item()
-            optimizer = torch.optim.Adam([value], lr=hp.value_lr * scale)
+            optimizer = torch.optim.Adam([value], lr=hp.value_lr * scale, betas=VALUE_BETAS)
             targets = TargetLogProbs(model, loss_rows, loss_cols, loss_tokens)
             best_loss, best_value, step, done = float("inf"), value.detach().clone(), 0, False
             for step in range(hp.value_steps + 1):
