@@ -30,3 +30,20 @@ def smollm2():
     yield model, tokenizer
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert not changed, f"a test left edits in the shared SmolLM2 model: {changed[:5]}"
+
+
+@pytest.fixture
+def wise_training_steps(monkeypatch) -> list[int]:
+    """The Adam steps of every WISE training run in the test, in order (a list filled as WISE edits)."""
+    import peft_edit.tuners.wise.model as wise_model
+    from peft_edit.tuners.site_training import train_added_output
+
+    steps: list[int] = []
+
+    def counted(*args, **kwargs):
+        result = train_added_output(*args, **kwargs)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(wise_model, "train_added_output", counted)
+    return steps

@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
-from peft_edit.tuners.site_training import train_added_output
 from peft_edit.tuners.wise.algorithm import (
     margin_loss,
     memory_threshold,
@@ -248,29 +247,23 @@ def test_a_config_saved_before_the_optimizer_field_keeps_editing_with_sgd(llama,
     assert (config.optimizer, config.lr, config.stop_rule) == ("sgd", 1.0, "margins")
 
 
-def _training_steps(monkeypatch, llama, **config) -> int:
-    import peft_edit.tuners.wise.model as wise_model
-
-    steps = []
-
-    def counted(*args, **kwargs):
-        result = train_added_output(*args, **kwargs)
-        steps.append(result.steps)
-        return result
-
-    monkeypatch.setattr(wise_model, "train_added_output", counted)
+def _training_steps(steps: list[int], llama, **config) -> int:
+    """Steps WISE trains for one edit on a tiny llama with ``config``; ``steps`` is the fixture's list."""
     _, tokenizer = llama
     config = WiseConfig(num_steps=60, context_templates_per_length=0, **config)
+    already = len(steps)
     get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
-    return steps[0]
+    (trained,) = steps[already:]  # one training run per edit
+    return trained
 
 
-def test_the_routing_stop_rule_ends_training_once_the_target_is_learnt_and_routed_apart(llama, monkeypatch):
-    assert _training_steps(monkeypatch, llama, stop_rule="margins") == 60  # the margins never all hold here
-    assert _training_steps(monkeypatch, llama, stop_rule="routing") < 60
+def test_the_routing_stop_rule_ends_training_once_the_target_is_learnt_and_routed_apart(llama, wise_training_steps):
+    steps = wise_training_steps
+    assert _training_steps(steps, llama, stop_rule="margins") == 60  # the margins never all hold here
+    assert _training_steps(steps, llama, stop_rule="routing") < 60
     # An unrelated text the router cannot leave alone (the edit's own prompt): no early stop.
     same = [REQUESTS[0].filled_prompt]
-    assert _training_steps(monkeypatch, llama, stop_rule="routing", unrelated_texts=same) == 60
+    assert _training_steps(steps, llama, stop_rule="routing", unrelated_texts=same) == 60
 
 
 def test_wise_shards_merge_into_one_memory_and_the_ledger_sizes_it(llama, tmp_path):

@@ -16,23 +16,13 @@ from peft_edit import WiseConfig, get_edited_model
 pytestmark = REAL_MODEL
 
 
-def test_wise_routing_stop_rule_edits_in_fewer_steps_and_leaves_other_facts(smollm2, monkeypatch):
+def test_wise_routing_stop_rule_edits_in_fewer_steps_and_leaves_other_facts(smollm2, wise_training_steps):
     # The faster, opt-in rule: both edits hold and other facts keep their answers, in fewer steps
     # than the default takes (its paraphrase is not asserted: it does not follow, see the README).
-    import peft_edit.tuners.wise.model as wise_model
-    from peft_edit.tuners.site_training import train_added_output
-
     model, tokenizer = smollm2
     probes = [*UNRELATED, SAME_OLD_ANSWER]
     before = {p: greedy(model, tokenizer, p) for p in probes}
-    steps = []
-
-    def counted(*args, **kwargs):
-        result = train_added_output(*args, **kwargs)
-        steps.append(result.steps)
-        return result
-
-    monkeypatch.setattr(wise_model, "train_added_output", counted)
+    steps = wise_training_steps
     config = WiseConfig(stop_rule="routing")
     edited = get_edited_model(model, config, requests=[EIFFEL], tokenizer=tokenizer, progress=False)
     try:
