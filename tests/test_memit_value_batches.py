@@ -1,5 +1,6 @@
 """MEMIT's target values are optimised a few requests at a time: the default batch follows the device,
-and the batch size changes memory and speed only, never the result."""
+requests of similar length go together, and neither the batch size nor the grouping changes the
+result."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from tiny_models import tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, MemitConfig
-from peft_edit.tuners.memit.algorithm import RequestRows, compute_deltas
+from peft_edit.tuners.locate.values import build_rows
+from peft_edit.tuners.memit.algorithm import RequestRows, compute_deltas, similar_width_chunks
 from peft_edit.tuners.memit.config import ACCELERATOR_VALUE_BATCH, CPU_VALUE_BATCH
 from peft_edit.tuners.per_model import context_templates
 
@@ -49,6 +51,28 @@ def test_target_values_do_not_depend_on_the_batch_size():
         config.v_batch_size = per_batch
         return compute_deltas(model, tokenizer, REQUESTS, layout, 2, templates, config, norms)
 
-    one_at_a_time, all_together = deltas(1), deltas(3)
+    one_at_a_time, in_pairs, all_together = deltas(1), deltas(2), deltas(3)
     assert one_at_a_time.abs().max() > 0  # the optimisation moved
+    # In pairs, the third request (the shortest suffix) is optimised first: each δ must still come
+    # back in its request's place.
+    widths = build_rows(tokenizer, REQUESTS, templates, config.kl_prompts).suffix_widths()
+    assert similar_width_chunks(widths, 2)[0][0] == 2
+    assert not torch.allclose(one_at_a_time[0], one_at_a_time[2])
+    torch.testing.assert_close(one_at_a_time, in_pairs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one_at_a_time, all_together, rtol=1e-4, atol=1e-5)
+
+
+def test_chunks_group_requests_of_similar_width_narrowest_first():
+    assert similar_width_chunks([5, 1, 3, 1, 4], 2) == [[1, 3], [2, 4], [0]]
+    assert similar_width_chunks([2, 2, 2], 5) == [[0, 1, 2]]
+    assert similar_width_chunks([], 4) == []
+
+
+def test_suffix_width_counts_from_the_subject_to_the_end_of_the_longest_row():
+    _, tokenizer = tiny_model_and_tokenizer("llama")
+    rows = build_rows(tokenizer, REQUESTS, ["{}", "A b c. {}"], ["{} is a"])
+    for request, width in enumerate(rows.suffix_widths()):
+        own = [r for r, owner in enumerate(rows.request_of_row) if owner == request]
+        assert width == max(len(rows.ids[r]) - rows.sites[r] for r in own)
+    eiffel, darrieux = rows.suffix_widths()[0], rows.suffix_widths()[2]
+    assert eiffel > darrieux  # "… is located in the city of Rome" against "… is English"

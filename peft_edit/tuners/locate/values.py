@@ -39,6 +39,18 @@ class RewriteRows:
     target_positions: dict[int, list[int]]
     kl_last: dict[int, int]  # per KL row: its last token
 
+    def suffix_widths(self) -> list[int]:
+        """Per request: the tokens from its subject's last token to the end of its longest row.
+
+        Rows optimised together are aligned at the subject and padded to the widest of them, and
+        every column from the subject on is recomputed at each step.
+        """
+        widths = [0] * len(self.rewrite_rows)
+        for row, (ids, site) in enumerate(zip(self.ids, self.sites)):
+            request = self.request_of_row[row]
+            widths[request] = max(widths[request], len(ids) - site)
+        return widths
+
 
 def build_rows(tokenizer, requests: list[EditRequest], context_templates: list[str], kl_prompts: list[str]):
     rows = RewriteRows([], [], [], [], [], {}, {}, {})

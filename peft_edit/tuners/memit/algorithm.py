@@ -48,17 +48,31 @@ def compute_deltas(
     """
     site = model.get_submodule(mlp_out_name(layout, last_layer))
     device = next(model.parameters()).device
-    deltas = []
-    per_batch = hp.value_batch_size(device)
-    for start in range(0, len(requests), per_batch):
-        chunk = requests[start : start + per_batch]
-        problem = ValueProblem(tokenizer, chunk, templates, hp.kl_prompts, pad_token_id(tokenizer), device)
+    widths = build_rows(tokenizer, list(requests), templates, hp.kl_prompts).suffix_widths()
+    deltas, optimised = [], []
+    for chunk in similar_width_chunks(widths, hp.value_batch_size(device)):
+        problem = ValueProblem(
+            tokenizer, [requests[i] for i in chunk], templates, hp.kl_prompts, pad_token_id(tokenizer), device
+        )
         with EditSiteRunner(model, layout, last_layer, site, problem.batch) as runner:
-            found = optimise_deltas(runner, problem, hp, scale=hidden_norms[start : start + len(chunk)])
+            found = optimise_deltas(runner, problem, hp, scale=hidden_norms[chunk])
         deltas.append(found.delta)
+        optimised += chunk
         if progress is not None:
             progress.update(len(chunk))
-    return torch.cat(deltas)
+    # Back to the requests' order (each request's δ is its own: the grouping changes only the speed).
+    return torch.cat(deltas)[torch.tensor(optimised).argsort()]
+
+
+def similar_width_chunks(widths: Sequence[int], per_chunk: int) -> list[list[int]]:
+    """Indices of ``widths`` in chunks of ``per_chunk``, narrowest first.
+
+    A chunk's rows are padded to its widest request's suffix, and the padding is computed at every
+    optimisation step: on 100 CounterFact requests, 4 at a time, 69 % of the positions computed held
+    tokens in the data's order and 92 % with requests of similar width together.
+    """
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    return [order[start : start + per_chunk] for start in range(0, len(order), per_chunk)]
 
 
 @torch.no_grad()
