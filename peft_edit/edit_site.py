@@ -105,19 +105,38 @@ class EditSiteRunner:
                 )
                 self.prefix_cache = getattr(out, self._cache_kwarg)
             self._record_lower_blocks_and_site()
+        # The replays read the recordings at call time, so that keep_rows can narrow them.
         for i in range(self.layer):
-            self._replay(self.blocks[i], self._lower_outputs[i])
+            self._replay(self.blocks[i], lambda i=i: self._lower_outputs[i])
         # A copy per call: the caller's model may add to the site's output in place.
-        self._replay(self.site, self._site_full_output, fresh_each_call=True)
+        self._replay(self.site, lambda: self._site_full_output.clone())
         return self
 
-    def _replay(self, module: nn.Module, recorded, fresh_each_call: bool = False) -> None:
+    def _replay(self, module: nn.Module, recorded) -> None:
         # An instance-level forward (e.g. a dispatch hook's wrapper) is put back on exit.
         self._replayed.append((module, vars(module).get("forward")))
-        if fresh_each_call:
-            module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded.clone()
-        else:
-            module.forward = lambda *args, _recorded=recorded, **kwargs: _recorded
+        module.forward = lambda *args, **kwargs: recorded()
+
+    @property
+    def can_drop_rows(self) -> bool:
+        """Whether :meth:`keep_rows` works with this model's cache."""
+        return self.prefix_cache is None or hasattr(self.prefix_cache, "batch_select_indices")
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """From now on run only ``rows`` (indices into the current rows, in order); later calls see them
+        renumbered 0, 1, ... A caller whose rows no longer need optimising drops them so that each step
+        computes only the rest."""
+        n_rows = self.batch.input_ids.shape[0]
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.batch.input_ids.device)
+        b = self.batch
+        self.batch = AlignedBatch(
+            b.input_ids[index], b.attention_mask[index], b.position_ids[index], b.split, [b.pad_left[i] for i in rows]
+        )
+        if self.prefix_cache is not None:
+            self.prefix_cache.batch_select_indices(index)
+        self._lower_outputs = {i: _select_rows(out, index, n_rows) for i, out in self._lower_outputs.items()}
+        self._site_full_output = _select_rows(self._site_full_output, index, n_rows)
+        self.site_input, self.site_output = self.site_input[index], self.site_output[index]
 
     def __exit__(self, *exc) -> None:
         for module, own_forward in self._replayed:
@@ -194,6 +213,21 @@ class EditSiteRunner:
         """Log-softmax over the vocabulary at the given (row, suffix column) pairs only."""
         picked = hidden[torch.as_tensor(rows), torch.as_tensor(columns)]
         return torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)
+
+
+def _select_rows(recorded, index: torch.Tensor, n_rows: int):
+    """``recorded`` (a module's output: a tensor or a tuple of them) restricted to the rows ``index``.
+
+    Tensors lead with the rows, or with rows x columns flattened (OPT's MLP); anything else is kept.
+    """
+    if isinstance(recorded, (tuple, list)):
+        return type(recorded)(_select_rows(part, index, n_rows) for part in recorded)
+    if not isinstance(recorded, torch.Tensor) or recorded.dim() == 0 or recorded.shape[0] % n_rows:
+        return recorded
+    if recorded.shape[0] == n_rows:
+        return recorded[index]
+    by_row = recorded.view(n_rows, -1, *recorded.shape[1:])
+    return by_row[index].reshape(-1, *recorded.shape[1:])
 
 
 # Each position's most likely tokens under the full vocabulary hold nearly all of its softmax's mass,

@@ -60,6 +60,31 @@ def test_runner_matches_full_forward(family):
     torch.testing.assert_close(fast, fast_again, atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_dropped_mid_optimisation_leave_the_others_exact(family):
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    layout = get_layout(model)
+    layer = 2
+    site = model.get_submodule(mlp_out_name(layout, layer))
+    rows, sites = rows_and_sites(tokenizer)
+    batch = AlignedBatch.build(rows, sites, pad_id=tokenizer.pad_token_id)
+    deltas = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with EditSiteRunner(model, layout, layer, site, batch) as runner:
+        assert runner.can_drop_rows
+        site_output = runner.site_output.clone()
+        runner.final_hidden(deltas)
+        runner.keep_rows([0, 2])
+        assert runner.batch.input_ids.shape[0] == 2
+        torch.testing.assert_close(runner.site_output, site_output[[0, 2]])
+        kept = runner.final_hidden(deltas[[0, 2]])
+        runner.keep_rows([1])  # renumbered: row 1 of the two is the original row 2
+        last = runner.final_hidden(deltas[[2]])
+    for got, r in [(kept[0], 0), (kept[1], 2), (last[0], 2)]:
+        ids, s = rows[r], sites[r]
+        expected = full_forward_hidden(model, layout, site, ids, s, deltas[r])
+        torch.testing.assert_close(got[: len(ids) - s], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}")
+
 def test_runner_restores_blocks_and_gradient_flags():
     model, tokenizer = tiny_model_and_tokenizer("llama")
     layout = get_layout(model)

@@ -4,12 +4,17 @@ result."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, MemitConfig
-from peft_edit.tuners.locate.values import build_rows
+from peft_edit.architectures import mlp_out_name
+from peft_edit.edit_site import EditSiteRunner
+from peft_edit.requests import pad_token_id
+from peft_edit.tuners.locate.values import ValueProblem, build_rows, optimise_deltas
 from peft_edit.tuners.memit.algorithm import RequestRows, compute_deltas, similar_width_chunks
 from peft_edit.tuners.memit.config import ACCELERATOR_VALUE_BATCH, CPU_VALUE_BATCH
 from peft_edit.tuners.per_model import context_templates
@@ -76,3 +81,37 @@ def test_suffix_width_counts_from_the_subject_to_the_end_of_the_longest_row():
         assert width == max(len(rows.ids[r]) - rows.sites[r] for r in own)
     eiffel, darrieux = rows.suffix_widths()[0], rows.suffix_widths()[2]
     assert eiffel > darrieux  # "… is located in the city of Rome" against "… is English"
+
+
+def test_a_request_reached_early_stops_being_computed_and_the_rest_are_unchanged(monkeypatch):
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    config = MemitConfig(layers=[1, 2], stats_corpus="identity", v_num_steps=6, context_template_lengths=[3])
+    layout = config.layout(model)
+    config.choose_target_modules(model)
+    model.eval()
+    templates = context_templates(model, tokenizer, config)
+    site = model.get_submodule(mlp_out_name(layout, 2))
+
+    def optimise(hp, can_drop: bool):
+        monkeypatch.setattr(EditSiteRunner, "can_drop_rows", property(lambda self: can_drop))
+        problem = ValueProblem(tokenizer, REQUESTS, templates, hp.kl_prompts, pad_token_id(tokenizer), "cpu")
+        computed_rows = []
+        with EditSiteRunner(model, layout, 2, site, problem.batch) as runner:
+            final_hidden = runner.final_hidden
+            runner.final_hidden = lambda d: computed_rows.append(len(d)) or final_hidden(d)
+            return optimise_deltas(runner, problem, hp), computed_rows
+
+    # The NLLs before any step: a stop loss between the lowest and the next makes one request
+    # reach it at the first step, and the others go on.
+    start, _ = optimise(dataclasses.replace(config, v_num_steps=1), can_drop=True)
+    first, second = start.target_nll.sort().values[:2].tolist()
+    assert first < second
+    hp = dataclasses.replace(config, early_stop_loss=(first + second) / 2)
+    dropping, rows_dropping = optimise(hp, can_drop=True)
+    keeping, rows_keeping = optimise(hp, can_drop=False)
+    rows_per_request = len(templates) + len(config.kl_prompts)
+    assert rows_dropping[0] == rows_keeping[0] == rows_per_request * len(REQUESTS)
+    assert rows_dropping[1] == rows_per_request * (len(REQUESTS) - 1)
+    assert set(rows_keeping) == {rows_per_request * len(REQUESTS)}
+    torch.testing.assert_close(dropping.delta, keeping.delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dropping.target_nll, keeping.target_nll, rtol=1e-4, atol=1e-5)
