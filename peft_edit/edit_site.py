@@ -130,7 +130,11 @@ class EditSiteRunner:
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.batch.input_ids.device)
         b = self.batch
         self.batch = AlignedBatch(
-            b.input_ids[index], b.attention_mask[index], b.position_ids[index], b.split, [b.pad_left[i] for i in rows]
+            b.input_ids[index],
+            b.attention_mask[index],
+            b.position_ids[index],
+            b.split,
+            [b.pad_left[i] for i in rows],
         )
         if self.prefix_cache is not None:
             self.prefix_cache.batch_select_indices(index)

@@ -40,14 +40,18 @@ def full_forward_hidden(model, layout, site, row_ids, site_index, delta):
     return hidden[site_index:]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_runner_matches_full_forward(family):
+def texts_at_layer_2(family):
+    """A tiny model of ``family``, its block-2 MLP output projection as the site, and TEXTS aligned there."""
     model, tokenizer = tiny_model_and_tokenizer(family)
     layout = get_layout(model)
-    layer = 2
-    site = model.get_submodule(mlp_out_name(layout, layer))
+    site = model.get_submodule(mlp_out_name(layout, 2))
     rows, sites = rows_and_sites(tokenizer)
-    batch = AlignedBatch.build(rows, sites, pad_id=tokenizer.pad_token_id)
+    return model, layout, 2, site, rows, sites, AlignedBatch.build(rows, sites, pad_id=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_matches_full_forward(family):
+    model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
     hidden_size = model.config.hidden_size
     delta = torch.randn(hidden_size, generator=torch.Generator().manual_seed(0))
     with EditSiteRunner(model, layout, layer, site, batch) as runner:
@@ -60,15 +64,9 @@ def test_runner_matches_full_forward(family):
     torch.testing.assert_close(fast, fast_again, atol=0, rtol=0)
 
 
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rows_dropped_mid_optimisation_leave_the_others_exact(family):
-    model, tokenizer = tiny_model_and_tokenizer(family)
-    layout = get_layout(model)
-    layer = 2
-    site = model.get_submodule(mlp_out_name(layout, layer))
-    rows, sites = rows_and_sites(tokenizer)
-    batch = AlignedBatch.build(rows, sites, pad_id=tokenizer.pad_token_id)
+    model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
     deltas = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with EditSiteRunner(model, layout, layer, site, batch) as runner:
         assert runner.can_drop_rows
@@ -83,7 +81,9 @@ def test_rows_dropped_mid_optimisation_leave_the_others_exact(family):
     for got, r in [(kept[0], 0), (kept[1], 2), (last[0], 2)]:
         ids, s = rows[r], sites[r]
         expected = full_forward_hidden(model, layout, site, ids, s, deltas[r])
-        torch.testing.assert_close(got[: len(ids) - s], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}")
+        torch.testing.assert_close(
+            got[: len(ids) - s], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}"
+        )
 
 def test_runner_restores_blocks_and_gradient_flags():
     model, tokenizer = tiny_model_and_tokenizer("llama")

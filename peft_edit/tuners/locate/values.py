@@ -110,7 +110,9 @@ class ValueProblem:
         kl_rows = [r for group in rows.kl_rows for r in group]
         self.read_rows = torch.tensor(nll_rows + kl_rows, device=device, dtype=torch.long)
         self.read_cols = torch.tensor(
-            nll_cols + [self.batch.suffix_column(r, rows.kl_last[r]) for r in kl_rows], device=device, dtype=torch.long
+            nll_cols + [self.batch.suffix_column(r, rows.kl_last[r]) for r in kl_rows],
+            device=device,
+            dtype=torch.long,
         )
         self.n_nll = len(nll_rows)
         self.nll_tokens = torch.tensor(tokens, device=device)
