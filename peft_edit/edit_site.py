@@ -14,7 +14,8 @@ does not depend on δ:
 
 Rows are aligned so that the site sits in the same column ``split`` of every row (left padding),
 which lets one cache serve the whole batch. Each optimisation step then runs blocks L.. on the
-columns from ``split`` on, and the LM head only where a loss needs logits.
+columns from ``split`` on, and the LM head only where a loss needs logits; rows whose optimisation
+has finished can be dropped from later steps (:meth:`EditSiteRunner.keep_rows`).
 """
 
 from __future__ import annotations
