@@ -85,6 +85,7 @@ def test_rows_dropped_mid_optimisation_leave_the_others_exact(family):
             got[: len(ids) - s], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}"
         )
 
+
 def test_runner_restores_blocks_and_gradient_flags():
     model, tokenizer = tiny_model_and_tokenizer("llama")
     layout = get_layout(model)

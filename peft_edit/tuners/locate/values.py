@@ -165,9 +165,8 @@ def optimise_deltas(
         optimizer.zero_grad()
         rows = computed.rows
         hidden = runner.final_hidden(row_scale[rows] * delta[problem.request_of_row[rows]])
-        nll_reads, kl_reads = computed.nll_reads, computed.kl_reads
-        logp = runner.log_probs(hidden, *computed.read_positions())
-        n_nll = int(nll_reads.sum())
+        nll_reads, kl_reads, n_nll = computed.nll_reads, computed.kl_reads, computed.n_nll
+        logp = runner.log_probs(hidden, *computed.read_positions)
         token_nll = -logp[:n_nll].gather(1, problem.nll_tokens[nll_reads][:, None]).squeeze(1)
         nll = token_nll.new_zeros(n).index_add(
             0, problem.nll_owner[nll_reads], token_nll * problem.nll_weights[nll_reads]
@@ -220,14 +219,13 @@ class ComputedRows:
         self._set_reads(torch.ones(n_rows, dtype=torch.bool, device=device))
 
     def _set_reads(self, kept: torch.Tensor) -> None:
-        reads = kept[self.problem.read_rows]
-        self.nll_reads, self.kl_reads = reads[: self.problem.n_nll], reads[self.problem.n_nll :]
-        self._reads = reads
-
-    def read_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(runner rows, suffix columns) of the computed rows' reads: NLL reads first, then KL."""
+        """The reads of the ``kept`` problem rows, worked out once per change, not at every step."""
         p = self.problem
-        return self.position[p.read_rows[self._reads]], p.read_cols[self._reads]
+        reads = kept[p.read_rows]
+        self.nll_reads, self.kl_reads = reads[: p.n_nll], reads[p.n_nll :]
+        self.n_nll = int(self.nll_reads.sum())
+        # (runner rows, suffix columns) of those reads: NLL reads first, then KL.
+        self.read_positions = (self.position[p.read_rows[reads]], p.read_cols[reads])
 
     def drop_done(self, runner: EditSiteRunner, done: torch.Tensor) -> None:
         """Stop computing the rows of requests in ``done`` (where the runner can drop rows)."""
