@@ -79,6 +79,33 @@ def test_teacher_forced_batch_equals_one_at_a_time():
         assert got.argmax_ids == [logp[len(p) - 1 + j].argmax().item() for j in range(len(a))]
 
 
+def test_pairs_with_the_same_model_row_share_it_and_score_as_alone():
+    # Two one-token answers after one prompt need the same row (the prompt), and so does a prompt
+    # that ends where another pair's answer begins: three pairs, one row of the model.
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    prompts = ["Rome is", "Rome is", "Rome is", "Rome is the", "Big Ben is in"]
+    answers = ["Paris", "London", "the capital", "capital", "London"]
+    encoded = [tokenize_continuation(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    # What the sharing below relies on: one-token answers, and the same ids split in two ways.
+    assert len(encoded[0][1]) == len(encoded[1][1]) == 1
+    assert encoded[2][0] + encoded[2][1] == encoded[3][0] + encoded[3][1] and encoded[2][0] != encoded[3][0]
+    rows_run = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows_run.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        batched = teacher_forced(model, tokenizer, prompts, answers, batch_size=8)
+    finally:
+        hook.remove()
+    assert sum(rows_run) == 3  # "Rome is"; "Rome is the"; "Big Ben is in"
+    for (p, a), got in zip(encoded, batched):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0].float(), -1)
+        assert got.answer_ids == a
+        assert got.logprobs == pytest.approx([logp[len(p) - 1 + j, t].item() for j, t in enumerate(a)], abs=1e-4)
+        assert got.argmax_ids == [logp[len(p) - 1 + j].argmax().item() for j in range(len(a))]
+
+
 def test_token_accuracy_and_mean_logprob_on_known_numbers():
     scored = TeacherForced(answer_ids=[5, 6, 7, 8], logprobs=[-0.5, -1.5, -2.0, 0.0], argmax_ids=[5, 1, 7, 2])
     assert scored.token_accuracy == 0.5

@@ -50,25 +50,27 @@ def answer_scores(
     starts: Sequence[int],
     prompt_lengths: Sequence[int],
     answers: Sequence[Sequence[int]],
+    rows: Sequence[int] | None = None,
 ) -> list[TeacherForced]:
-    """Score each row's answer tokens from the logits of a padded batch.
+    """Score each answer's tokens from the logits of a padded batch.
 
-    Row ``i`` holds its prompt at positions ``starts[i] .. starts[i] + prompt_lengths[i] - 1`` and
-    its answer right after (``starts[i]`` is 0 with right padding, the pad count with left
-    padding; negative when ``logits`` cover only the last positions of the batch, as they are
-    counted from the first covered one). The logits at the position before each answer token
-    predict it.
+    Answer ``i`` is read from logits row ``rows[i]`` (default ``i``: one answer per row), which holds
+    its prompt at positions ``starts[i] .. starts[i] + prompt_lengths[i] - 1`` and the answer right
+    after (``starts[i]`` is 0 with right padding, the pad count with left padding; negative when
+    ``logits`` cover only the last positions of the batch, as they are counted from the first
+    covered one). The logits at the position before each answer token predict it.
     """
     results = []
     for i, (start, p_len, answer) in enumerate(zip(starts, prompt_lengths, answers)):
         first = start + p_len - 1
-        # Only this row's answer positions are normalised: no vocabulary-wide copy of the batch.
-        rows = logits[i, first : first + len(answer)].float()
-        ids = torch.tensor(list(answer), device=rows.device, dtype=torch.long)
-        logprobs = rows.gather(-1, ids[:, None])[:, 0] - rows.logsumexp(-1)
+        row = i if rows is None else rows[i]
+        # Only this answer's positions are normalised: no vocabulary-wide copy of the batch.
+        positions = logits[row, first : first + len(answer)].float()
+        ids = torch.tensor(list(answer), device=positions.device, dtype=torch.long)
+        logprobs = positions.gather(-1, ids[:, None])[:, 0] - positions.logsumexp(-1)
         results.append(
             TeacherForced(
-                answer_ids=list(answer), logprobs=logprobs.tolist(), argmax_ids=rows.argmax(-1).tolist()
+                answer_ids=list(answer), logprobs=logprobs.tolist(), argmax_ids=positions.argmax(-1).tolist()
             )
         )
     return results
@@ -119,10 +121,14 @@ def teacher_forced(
     batch_size: int = 32,
     padding_side: str = "left",
 ) -> list[TeacherForced]:
-    """Score every answer after its prompt, ``batch_size`` pairs per forward pass.
+    """Score every answer after its prompt, ``batch_size`` model rows per forward pass.
 
-    Pairs are batched by length. With left padding (the default) every row ends at the last
-    position, so its answer sits in the last few positions: the model is asked for logits there
+    A pair's model row is its prompt followed by its answer but for the answer's last token (whose
+    own logits predict nothing scored), and pairs with the same row share it: a prompt scored
+    against several one-token answers (CounterFact's new and true targets, a neighbour's answer
+    and the new target) runs once, which halves the tokens a CounterFact case costs.
+    Rows are batched by length. With left padding (the default) every row ends at the last
+    position, so its answers sit in the last few positions: the model is asked for logits there
     only (``logits_to_keep``), which spares the LM head and the vocabulary-wide softmax over the
     prompts (PIQA's long goals), and position ids restart at 0 after each row's padding.
     ``padding_side="right"`` computes logits everywhere and needs nothing of the model.
@@ -134,35 +140,44 @@ def teacher_forced(
     pad = pad_token_id(tokenizer)
     left = padding_side == "left"
     keep_tail = left and _accepts(model, "logits_to_keep")
-    lengths = [len(p) + len(a) for p, a in encoded]
-    logit_positions = [len(a) + 1 for _, a in encoded] if keep_tail else lengths
+    row_of_pair, unique_rows = [], {}
+    for p, a in encoded:
+        row_of_pair.append(unique_rows.setdefault(tuple(p + a[:-1]), len(unique_rows)))
+    rows = [list(r) for r in unique_rows]
+    pairs_of_row: list[list[int]] = [[] for _ in rows]
+    for i, r in enumerate(row_of_pair):
+        pairs_of_row[r].append(i)
+    # A row's answers end at its last position; the longest of them sets how many logits it needs.
+    answer_span = [max((len(encoded[i][1]) for i in pairs), default=0) for pairs in pairs_of_row]
+    lengths = [len(r) for r in rows]
+    logit_positions = answer_span if keep_tail else lengths
     results: list[TeacherForced | None] = [None] * len(encoded)
     for batch in _length_batches(lengths, logit_positions, batch_size):
-        rows = [encoded[i][0] + encoded[i][1] for i in batch]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        starts = [width - len(r) if left else 0 for r in rows]
-        for j, (r, s) in enumerate(zip(rows, starts)):
-            ids[j, s : s + len(r)] = torch.tensor(r)
-            mask[j, s : s + len(r)] = 1
+        width = max(lengths[r] for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        starts = [width - lengths[r] if left else 0 for r in batch]
+        for j, (r, s) in enumerate(zip(batch, starts)):
+            ids[j, s : s + lengths[r]] = torch.tensor(rows[r])
+            mask[j, s : s + lengths[r]] = 1
         kwargs = {}
         if left:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
         first_kept = 0
         if keep_tail:
-            # The last position predicts the token after the answer: one more than the longest answer.
-            kept = max(len(encoded[i][1]) for i in batch) + 1
+            kept = max(1, max(answer_span[r] for r in batch))
             kwargs["logits_to_keep"] = kept
             first_kept = width - kept
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        pairs = [(j, i) for j, r in enumerate(batch) for i in pairs_of_row[r]]
         scored = answer_scores(
             logits,
-            [s - first_kept for s in starts],
-            [len(encoded[i][0]) for i in batch],
-            [encoded[i][1] for i in batch],
+            [starts[j] - first_kept for j, _ in pairs],
+            [len(encoded[i][0]) for _, i in pairs],
+            [encoded[i][1] for _, i in pairs],
+            rows=[j for j, _ in pairs],
         )
-        for i, s in zip(batch, scored):
+        for (_, i), s in zip(pairs, scored):
             results[i] = s
     return results  # type: ignore[return-value]
 
