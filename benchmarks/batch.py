@@ -120,6 +120,8 @@ def run(model, tokenizer, method, cases, protocol, edit_batch_size, reference, o
         "edits": len(cases),
         "edit_batch_size": edit_batch_size or len(cases),
         "overrides": overrides,
+        # What the run used, whether set or the device's default (the default has changed before).
+        "v_batch_size": config.value_batch_size(model.device),
         **{k: result.summary.get(k) for k in KEYS},
         "unedited": {k: result.baseline.get(k) for k in KEYS if k in result.baseline},
     }
@@ -250,8 +252,9 @@ def resident_mb() -> float:
 
 
 def _run_key(row: dict) -> tuple:
+    """Rows with the same key replace each other; a run with another default batch is kept beside."""
     overrides = json.dumps(row.get("overrides", {}), sort_keys=True)
-    return row["method"], row["protocol"], row["edits"], row["edit_batch_size"], overrides
+    return row["method"], row["protocol"], row["edits"], row["edit_batch_size"], overrides, row.get("v_batch_size")
 
 
 def save(output: dict, path: Path) -> None:
