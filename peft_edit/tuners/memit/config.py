@@ -61,9 +61,9 @@ class MemitConfig(LocateThenEditConfig):
         metadata={
             "help": "Requests whose δ are optimised together: bounds memory, results do not depend on it. "
             "Default: 2 on the CPU, where a larger batch barely saves time while its autograd graph grows "
-            "with it (SmolLM2, 16 requests: 8 at a time peaked 0.95 GB above the loaded model, 4 at a time "
-            "0.50 GB, 2 at a time 0.30 GB and 4-8% slower than 4); 32 on an accelerator, where batching is "
-            "what makes it fast."
+            "with it (SmolLM2, 16 requests: 8 at a time peaked about 950 MiB above the loaded model, 4 at a "
+            "time 500 MiB, 2 at a time 300 MiB and 4-8% slower than 4); 32 on an accelerator, where batching "
+            "is what makes it fast."
         },
     )
 
