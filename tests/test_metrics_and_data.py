@@ -80,8 +80,8 @@ def test_teacher_forced_batch_equals_one_at_a_time():
 
 
 def test_pairs_with_the_same_model_row_share_it_and_score_as_alone():
-    # Two one-token answers after one prompt need the same row (the prompt), and so does a prompt
-    # that ends where another pair's answer begins: three pairs, one row of the model.
+    # Two one-token answers after one prompt need the same row (the prompt), and so do a prompt
+    # that ends where another pair's answer begins and that pair: five pairs, three model rows.
     model, tokenizer = tiny_model_and_tokenizer("llama")
     prompts = ["Rome is", "Rome is", "Rome is", "Rome is the", "Big Ben is in"]
     answers = ["Paris", "London", "the capital", "capital", "London"]
@@ -97,7 +97,7 @@ def test_pairs_with_the_same_model_row_share_it_and_score_as_alone():
         batched = teacher_forced(model, tokenizer, prompts, answers, batch_size=8)
     finally:
         hook.remove()
-    assert sum(rows_run) == 3  # "Rome is"; "Rome is the"; "Big Ben is in"
+    assert sum(rows_run) == 3  # "Rome is"; "Rome is the" and what the answer adds; "Big Ben is in"
     for (p, a), got in zip(encoded, batched):
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0].float(), -1)

@@ -140,13 +140,10 @@ def teacher_forced(
     pad = pad_token_id(tokenizer)
     left = padding_side == "left"
     keep_tail = left and _accepts(model, "logits_to_keep")
-    row_of_pair, unique_rows = [], {}
-    for p, a in encoded:
-        row_of_pair.append(unique_rows.setdefault(tuple(p + a[:-1]), len(unique_rows)))
-    rows = [list(r) for r in unique_rows]
-    pairs_of_row: list[list[int]] = [[] for _ in rows]
-    for i, r in enumerate(row_of_pair):
-        pairs_of_row[r].append(i)
+    pairs_by_row: dict[tuple[int, ...], list[int]] = {}
+    for i, (p, a) in enumerate(encoded):
+        pairs_by_row.setdefault(tuple(p + a[:-1]), []).append(i)
+    rows, pairs_of_row = [list(r) for r in pairs_by_row], list(pairs_by_row.values())
     # A row's answers end at its last position; the longest of them sets how many logits it needs.
     answer_span = [max((len(encoded[i][1]) for i in pairs), default=0) for pairs in pairs_of_row]
     lengths = [len(r) for r in rows]
