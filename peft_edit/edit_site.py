@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .architectures import Layout, backbone, get_blocks, logits_from_hidden
 
@@ -185,7 +186,7 @@ class EditSiteRunner:
     # ----------------------------------------------------------------- steps
     def _run_suffix(self) -> torch.Tensor:
         b = self.batch
-        cache = copy.deepcopy(self.prefix_cache) if self.prefix_cache is not None else None
+        cache = _extendable_copy(self.prefix_cache) if self.prefix_cache is not None else None
         out = self.body(
             input_ids=b.input_ids[:, b.split :],
             attention_mask=b.attention_mask,
@@ -218,6 +219,26 @@ class EditSiteRunner:
         """Log-softmax over the vocabulary at the given (row, suffix column) pairs only."""
         picked = hidden[torch.as_tensor(rows), torch.as_tensor(columns)]
         return torch.log_softmax(logits_from_hidden(self.model, picked).float(), dim=-1)
+
+
+# Cache layers whose update binds new tensors (torch.cat) and never writes into the stored ones.
+_REBINDING_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def _extendable_copy(cache):
+    """A copy of the prefix cache that one suffix run may extend, leaving ``cache`` as it was.
+
+    Every step of an optimisation runs the suffix on the same prefix. A deep copy of every layer's
+    keys and values costs about a sixth of a GRACE step on SmolLM2 (30 layers of a 150-token
+    passage); where each layer rebinds its tensors on update, copying the layer objects suffices
+    and the tensors are shared. Any other cache (static layers write in place) is deep-copied.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer) not in _REBINDING_LAYERS for layer in layers):
+        return copy.deepcopy(cache)
+    shallow = copy.copy(cache)
+    shallow.layers = [copy.copy(layer) for layer in layers]
+    return shallow
 
 
 def _select_rows(recorded, index: torch.Tensor, n_rows: int):

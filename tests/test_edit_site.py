@@ -224,3 +224,27 @@ def test_target_log_probs_record_whether_every_target_is_the_argmax():
     assert not one_below.on_top
     on_top.full(hidden)
     assert on_top.on_top
+
+
+def test_a_suffix_run_extends_a_copy_of_the_prefix_cache_and_leaves_the_prefix_as_it_was():
+    from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
+
+    from peft_edit.edit_site import _extendable_copy
+
+    prefix = DynamicCache()
+    prefix.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), layer_idx=0)
+    prefix.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), layer_idx=1)
+    stored = [(layer.keys, layer.values) for layer in prefix.layers]
+
+    extended = _extendable_copy(prefix)
+    assert extended.layers[0].keys is stored[0][0]  # shared, not copied
+    extended.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), layer_idx=0)
+    assert extended.get_seq_length(0) == 8 and prefix.get_seq_length(0) == 3
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(prefix.layers, stored))
+    assert torch.equal(prefix.layers[0].keys, torch.ones(1, 2, 3, 4))
+
+    # A layer that writes into its stored tensors is never shared.
+    prefix.layers.append(StaticLayer(max_cache_len=8))
+    assert not isinstance(prefix.layers[-1], DynamicLayer)
+    deep = _extendable_copy(prefix)
+    assert deep.layers[0].keys is not stored[0][0] and torch.equal(deep.layers[0].keys, stored[0][0])
