@@ -140,6 +140,16 @@ def _split_prompt_and_target(prompt: str, target: str) -> tuple[str, str]:
     return head, " " + target
 
 
+def generation_prompt(prompt: str) -> str:
+    """The text a continuation of ``prompt`` is generated from: the prompt without its trailing spaces.
+
+    :func:`tokenize_continuation` moves those spaces into the target's first token, as the
+    tokenizer would (``"... merican. "`` + ``"Datuk"`` is ``"... merican."`` + ``" Datuk"``);
+    generating after a lone space token instead asks for a context no edit was made in.
+    """
+    return prompt.rstrip(" ") or prompt
+
+
 def join_prompt_and_target(prompt: str, target: str) -> str:
     """The text a model should produce: the prompt, then the target after exactly one space.
 

@@ -102,6 +102,17 @@ def test_greedy_batches_mixed_lengths_like_one_at_a_time():
         assert got == greedy_continuations(model, tokenizer, [prompt], n)[0]
 
 
+def test_greedy_continues_a_prompt_ending_in_spaces_as_teacher_forcing_reads_it():
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    prompt = "The Colosseum is located in the city of  "
+    (text,) = greedy_continuations(model, tokenizer, [prompt], 4)
+    assert text == greedy_continuations(model, tokenizer, [prompt.rstrip()], 4)[0]
+    # Teacher forcing moves the prompt's spaces into the answer: fed the greedy text as the answer,
+    # it finds the model's own top token at every position.
+    (forced,) = teacher_forced(model, tokenizer, [prompt], [text])
+    assert forced.argmax_ids == forced.answer_ids
+
+
 def test_generation_batches_group_similar_token_needs():
     from peft_edit.evaluation.metrics import GENERATION_SLACK_TOKENS, _generation_batches
 

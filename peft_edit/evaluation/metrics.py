@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..requests import pad_token_id, tokenize_continuation
+from ..requests import generation_prompt, pad_token_id, tokenize_continuation
 
 
 @dataclass
@@ -208,13 +208,17 @@ def greedy_continuations(
 ) -> list[str]:
     """Greedy text after each prompt (left padding, so every row continues from its last token).
 
+    A prompt's trailing spaces are left out (:func:`~peft_edit.requests.generation_prompt`), as
+    teacher-forced scoring and every edit leave them to the answer's first token; the text then
+    begins with that space.
+
     A batch decodes as many tokens as its longest request and each row keeps its own number, so
     batches hold requests of similar length (:func:`_generation_batches`).
     """
     lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [tokenizer(generation_prompt(p))["input_ids"] for p in prompts]
     outputs: list[str] = [""] * len(prompts)
     for batch in _generation_batches(lengths, [len(e) for e in encoded], batch_size):
         chunk = [encoded[i] for i in batch]
