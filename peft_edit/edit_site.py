@@ -299,6 +299,9 @@ class TargetLogProbs:
         self.shortlist: torch.Tensor | None = None  # sorted token ids
         self.exact = False  # whether the last call used the whole vocabulary
         self.on_top = False  # whether every target was the argmax in the last call (see above)
+        # (n,) per target, its log-probability minus the best other token's in the last call: exact
+        # after a full-vocabulary call, an upper bound after a shortlisted one.
+        self.leads: torch.Tensor | None = None
         self._calls = 0
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -324,9 +327,12 @@ class TargetLogProbs:
         return self._targets_of(logp, self.tokens[:, None].to(logp.device))
 
     def _targets_of(self, logp: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """The targets' entries of ``logp`` (n, vocabulary or shortlist); records :attr:`on_top`."""
+        """The targets' entries of ``logp`` (n, vocabulary or shortlist); records :attr:`on_top` and
+        :attr:`leads`."""
         picked = logp.gather(1, columns).squeeze(1)
-        self.on_top = bool((picked.detach() >= logp.detach().max(dim=-1).values).all())
+        others = logp.detach().scatter(1, columns, float("-inf"))
+        self.leads = picked.detach() - others.max(dim=-1).values
+        self.on_top = bool((self.leads >= 0).all())
         return picked
 
     def _full_log_probs(self, picked: torch.Tensor) -> torch.Tensor:

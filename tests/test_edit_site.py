@@ -226,6 +226,22 @@ def test_target_log_probs_record_whether_every_target_is_the_argmax():
     assert on_top.on_top
 
 
+def test_target_log_probs_record_each_targets_lead_over_the_best_other_token():
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    hidden = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    rows, columns = [0, 1], [1, 2]
+    logp = torch.log_softmax(logits_from_hidden(model, hidden[rows, columns]).float(), dim=-1)
+    top2 = logp.topk(2, dim=-1)
+    tokens = torch.stack([top2.indices[0, 0], top2.indices[1, 1]])  # the best, then the runner-up
+    expected = torch.stack([top2.values[0, 0] - top2.values[0, 1], top2.values[1, 1] - top2.values[1, 0]])
+    targets = TargetLogProbs(model, rows, columns, tokens, per_position=4)
+    targets.full(hidden)
+    torch.testing.assert_close(targets.leads, expected)
+    assert targets.leads[0] > 0 > targets.leads[1]
+    targets(hidden)  # a shortlist call: the normaliser and the rivals are those of the shortlist
+    assert (targets.leads >= expected - 1e-5).all()
+
+
 def test_a_suffix_run_extends_a_copy_of_the_prefix_cache_and_leaves_the_prefix_as_it_was():
     from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 

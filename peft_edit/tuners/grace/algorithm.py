@@ -32,6 +32,15 @@ from ...edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 VALUE_BETAS = (0.8, 0.99)
 
 
+def every_token_holds(token_logp: torch.Tensor, targets: TargetLogProbs, stop_logp: float, margin) -> bool:
+    """Whether each target token has probability above exp(``stop_logp``) or, with a ``margin``,
+    leads every other token by that many nats (as measured by the last call of ``targets``)."""
+    held = token_logp.detach() > stop_logp
+    if margin is not None:
+        held |= targets.leads >= margin
+    return bool(held.all())
+
+
 @dataclass
 class Value:
     value: torch.Tensor  # (out,)
@@ -96,12 +105,12 @@ def optimise_value(
                 loss = -(token_logp * loss_weights).sum()
                 if loss.item() < best_loss:
                     best_loss, best_value = loss.item(), value.detach().clone()
-                # Done once every target token is likely enough to be the greedy choice; a mean-loss
-                # threshold would keep polishing short targets and rarely stop long ones.
-                if token_logp.min().item() > stop_logp:
+                # Done once every target token is the greedy choice, by enough; a mean-loss threshold
+                # would keep polishing short targets and rarely stop long ones.
+                if every_token_holds(token_logp, targets, stop_logp, hp.stop_margin):
                     if not targets.exact:
                         token_logp = targets.full(hidden)
-                    if token_logp.min().item() > stop_logp:
+                    if every_token_holds(token_logp, targets, stop_logp, hp.stop_margin):
                         best_value, done = value.detach().clone(), True
                         best_loss = -(token_logp * loss_weights).sum().item()
                         break

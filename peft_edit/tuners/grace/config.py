@@ -75,6 +75,13 @@ class GraceConfig(OneBlockConfig):
         default=EARLY_STOP_PROB,
         metadata={"help": "Stop optimising a value once every target token has at least this probability."},
     )
+    stop_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also stop once every target token that is not yet that likely leads every other token "
+            "by this many nats (log-probability): then too it is the greedy choice. None: probability only."
+        },
+    )
     replace_tolerance: float = field(
         default=1e-3,
         metadata={
@@ -92,6 +99,8 @@ class GraceConfig(OneBlockConfig):
             raise ValueError(f"GraceConfig.init_radius must be positive, got {self.init_radius}.")
         if not 0 < self.early_stop_prob < 1:
             raise ValueError(f"GraceConfig.early_stop_prob must be in (0, 1), got {self.early_stop_prob}.")
+        if self.stop_margin is not None and self.stop_margin < 0:
+            raise ValueError(f"GraceConfig.stop_margin must be at least 0 (or None), got {self.stop_margin}.")
         if self.value_steps < 1 or self.value_lr <= 0:
             raise ValueError("GraceConfig.value_steps must be at least 1 and value_lr positive.")
         if not 0 < self.replace_tolerance < self.init_radius:
