@@ -117,8 +117,9 @@ def greedy_from_forced(forced: dict[tuple, TeacherForced], key: tuple, prompt: s
     Greedy decoding feeds the model its own argmax; teacher forcing feeds the answer. While the
     two agree, the contexts are the same, so if the argmax tokens match the answer at every
     position but possibly the last, the greedy continuation (as long as the answer) is exactly
-    those argmax tokens and the model need not run again. Returns None when decoding is needed
-    (or when the prompt ends with a space, which the teacher-forced pass moves into the answer).
+    those argmax tokens and the model need not run again. Returns None when decoding is needed,
+    and when the prompt ends with a space: generation drops it, and so does the teacher-forced pass
+    but before an answer that starts a new line, which this cannot tell from the token ids.
     """
     kind, index = key
     if kind not in _ANSWER_ROW or prompt.endswith(" "):
