@@ -228,10 +228,11 @@ _REBINDING_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 def _extendable_copy(cache):
     """A copy of the prefix cache that one suffix run may extend, leaving ``cache`` as it was.
 
-    Every step of an optimisation runs the suffix on the same prefix. A deep copy of every layer's
-    keys and values costs about a sixth of a GRACE step on SmolLM2 (30 layers of a 150-token
-    passage); where each layer rebinds its tensors on update, copying the layer objects suffices
-    and the tensors are shared. Any other cache (static layers write in place) is deep-copied.
+    Every step of an optimisation runs the suffix on the same prefix. Deep-copying every layer's
+    keys and values (SmolLM2: 30 layers of a 150-token passage) took 5 ms of a 60 ms GRACE step
+    timed alone, and sequential GRACE edits took a median 18 % longer with it than without. Where
+    each layer rebinds its tensors on update, copying the layer objects suffices and the tensors are
+    shared. Any other cache (static layers write in place) is deep-copied.
     """
     layers = getattr(cache, "layers", None)
     if layers is None or any(type(layer) not in _REBINDING_LAYERS for layer in layers):
