@@ -299,11 +299,15 @@ class TargetLogProbs:
         self.per_position, self.refresh_every = per_position, refresh_every
         self.shortlist: torch.Tensor | None = None  # sorted token ids
         self.exact = False  # whether the last call used the whole vocabulary
-        self.on_top = False  # whether every target was the argmax in the last call (see above)
         # (n,) per target, its log-probability minus the best other token's in the last call: exact
         # after a full-vocabulary call, an upper bound after a shortlisted one.
         self.leads: torch.Tensor | None = None
         self._calls = 0
+
+    @property
+    def on_top(self) -> bool:
+        """Whether every target was the argmax in the last call (see above); False before any call."""
+        return self.leads is not None and bool((self.leads >= 0).all())
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n,) log-probabilities of the targets; exact on refresh calls (see :attr:`exact`)."""
@@ -328,12 +332,10 @@ class TargetLogProbs:
         return self._targets_of(logp, self.tokens[:, None].to(logp.device))
 
     def _targets_of(self, logp: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """The targets' entries of ``logp`` (n, vocabulary or shortlist); records :attr:`on_top` and
-        :attr:`leads`."""
+        """The targets' entries of ``logp`` (n, vocabulary or shortlist); records :attr:`leads`."""
         picked = logp.gather(1, columns).squeeze(1)
         others = logp.detach().scatter(1, columns, float("-inf"))
         self.leads = picked.detach() - others.max(dim=-1).values
-        self.on_top = bool((self.leads >= 0).all())
         return picked
 
     def _full_log_probs(self, picked: torch.Tensor) -> torch.Tensor:
