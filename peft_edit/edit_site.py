@@ -83,6 +83,9 @@ class EditSiteRunner:
         self.batch = batch
         self.site_input: torch.Tensor | None = None  # (rows, in): the site's input at column split
         self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
+        # Per row, the site's input at each of its tokens (padding left out), as set up on entry: δ never
+        # reaches it, so a caller that needs these keys (GRACE's bystanders) need not run the rows again.
+        self.token_site_inputs: list[torch.Tensor] | None = None
         self._replayed: list[tuple[nn.Module, object]] = []  # with any instance-level forward it had
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes.
         self._cache_kwarg = (
@@ -98,15 +101,24 @@ class EditSiteRunner:
             p.requires_grad_(False)
         with torch.no_grad():
             self.prefix_cache = None
+            prefix_inputs = []
             if b.split > 0:
-                out = self.body(
-                    input_ids=b.input_ids[:, : b.split],
-                    attention_mask=b.attention_mask[:, : b.split],
-                    position_ids=b.position_ids[:, : b.split],
-                    use_cache=True,
+                handle = self.site.register_forward_hook(
+                    lambda _module, args, _output: prefix_inputs.append(self._by_row(args[0]).float().clone())
                 )
+                try:
+                    out = self.body(
+                        input_ids=b.input_ids[:, : b.split],
+                        attention_mask=b.attention_mask[:, : b.split],
+                        position_ids=b.position_ids[:, : b.split],
+                        use_cache=True,
+                    )
+                finally:
+                    handle.remove()
                 self.prefix_cache = getattr(out, self._cache_kwarg)
-            self._record_lower_blocks_and_site()
+            suffix_inputs = self._record_lower_blocks_and_site()
+            every_column = torch.cat(prefix_inputs[:1] + [suffix_inputs], dim=1)
+            self.token_site_inputs = [x[mask.bool()] for x, mask in zip(every_column, b.attention_mask)]
         # The replays read the recordings at call time, so that keep_rows can narrow them.
         for i in range(self.layer):
             self._replay(self.blocks[i], lambda i=i: self._lower_outputs[i])
@@ -154,9 +166,11 @@ class EditSiteRunner:
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
 
-    def _record_lower_blocks_and_site(self) -> None:
+    def _record_lower_blocks_and_site(self) -> torch.Tensor:
+        """Run the suffix once, keeping what the replays need; returns the site's input there (rows, columns, in)."""
         self._lower_outputs: dict[int, object] = {}
         handles = []
+        seen = {}
 
         def keep_block_output(i):
             def hook(_module, _args, output):
@@ -167,7 +181,8 @@ class EditSiteRunner:
         def keep_site(_module, args, output):
             # Copies: some blocks add to the site's output in place (Falcon adds attention to it).
             self._site_full_output = output.detach().clone()
-            self.site_input = self._by_row(args[0])[:, 0].detach().float().clone()
+            seen["inputs"] = self._by_row(args[0]).detach().float().clone()
+            self.site_input = seen["inputs"][:, 0].clone()
             self.site_output = self._by_row(output)[:, 0].detach().float().clone()
 
         try:
@@ -178,6 +193,7 @@ class EditSiteRunner:
         finally:
             for h in handles:
                 h.remove()
+        return seen["inputs"]
 
     def _by_row(self, tensor: torch.Tensor) -> torch.Tensor:
         """(rows, columns, features), also for models (OPT) whose MLP sees rows and columns flattened."""

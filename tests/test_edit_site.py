@@ -8,6 +8,7 @@ from tiny_models import FAMILIES, tiny_model_and_tokenizer
 
 from peft_edit.architectures import backbone, get_layout, logits_from_hidden, mlp_out_name
 from peft_edit.edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
+from peft_edit.tuners.site_training import token_site_inputs
 
 TEXTS = [
     ("The Eiffel Tower is located in the city of Rome", "The Eiffel Tower"),
@@ -140,6 +141,18 @@ def test_site_output_is_what_the_site_emits(family):
     with EditSiteRunner(model, layout, 2, site, AlignedBatch.build(rows, sites, tokenizer.pad_token_id)) as runner:
         got = runner.site_output[0]
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_site_inputs_are_the_sites_input_at_every_token_of_each_row(family):
+    """Gathered from the prefix run and the recording run, padding left out, in each row's token order."""
+    model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
+    with EditSiteRunner(model, layout, layer, site, batch) as runner:
+        got = runner.token_site_inputs
+    expected = token_site_inputs(model, site, rows, pad_id=0)
+    assert [g.shape for g in got] == [e.shape for e in expected] == [(len(r), e.shape[-1]) for r, e in zip(rows, expected)]
+    for r, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5, msg=f"{family} row {r}")
 
 
 def test_gradient_reaches_delta_only():

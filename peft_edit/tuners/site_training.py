@@ -193,6 +193,16 @@ def cached_token_site_inputs(
     return [cache[(layer, r)] for r in rows]
 
 
+def remember_token_site_inputs(
+    model: nn.Module, layer: int, rows: Sequence[Sequence[int]], keys: Sequence[torch.Tensor]
+) -> None:
+    """Give :func:`cached_token_site_inputs` keys computed elsewhere (an edit's own forward passes:
+    :attr:`~peft_edit.edit_site.EditSiteRunner.token_site_inputs`), so that it need not run those rows."""
+    cache = _KEYS.setdefault(model, {})
+    for row, row_keys in zip(rows, keys, strict=True):
+        cache.setdefault((layer, tuple(row)), row_keys)
+
+
 # ------------------------------------------------------------------------------------ training
 OPTIMIZERS = ("adam", "sgd")  # what train_added_output can step with
 

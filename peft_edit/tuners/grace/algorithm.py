@@ -41,10 +41,16 @@ def every_token_holds(token_logp: torch.Tensor, targets: TargetLogProbs, stop_lo
     return bool(held.all())
 
 
+def teacher_forced_ids(rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """The token rows that (prompt ids, target ids) pairs are run as: the prompt, then the target but its last token."""
+    return [prompt + target[:-1] for prompt, target in rows]
+
+
 @dataclass
 class Value:
     value: torch.Tensor  # (out,)
     keys: torch.Tensor  # (rows, in): the wrapped module's input at each row's last prompt token
+    token_keys: list[torch.Tensor]  # per row, its input at every token of prompt + target[:-1]
     loss: float  # mean negative log-likelihood of the targets with this value
     steps: int
 
@@ -67,7 +73,7 @@ def optimise_value(
     stands, as it will when the edit is used: a passage whose beginning is another edit's prompt
     gets that edit's value at that position.
     """
-    ids = [prompt + target[:-1] for prompt, target in rows]
+    ids = teacher_forced_ids(rows)
     sites = [len(prompt) - 1 for prompt, _ in rows]
     device = next(model.parameters()).device
     batch = AlignedBatch.build(ids, sites, pad_id, device=device)
@@ -88,6 +94,7 @@ def optimise_value(
         with EditSiteRunner(model, layout, layer, site, batch) as runner:
             arriving = runner.site_output  # (rows, out): what reaches the last prompt token now
             keys = runner.site_input.clone()
+            token_keys = runner.token_site_inputs
             with torch.no_grad():  # the module's own output there, whatever the codebook holds
                 base = site.get_base_layer()
                 own_output = base(keys.to(next(base.parameters()).dtype)).float()
@@ -124,4 +131,4 @@ def optimise_value(
                 best_loss = -(token_logp * loss_weights).sum().item()
     finally:
         model.train(was_training)
-    return Value(value=best_value, keys=keys, loss=best_loss, steps=step)
+    return Value(value=best_value, keys=keys, token_keys=token_keys, loss=best_loss, steps=step)

@@ -7,9 +7,9 @@ import weakref
 import torch
 
 from ...requests import EditRequest, pad_token_id, tokenize_continuation
-from ..site_training import cached_token_site_inputs
+from ..site_training import cached_token_site_inputs, remember_token_site_inputs
 from ..wrapped import WrappedTuner
-from .algorithm import optimise_value
+from .algorithm import optimise_value, teacher_forced_ids
 from .config import GraceConfig
 from .layer import GraceLayer, Placement, clear_radius, same_context, target_label
 
@@ -55,7 +55,7 @@ class GraceTuner(WrappedTuner):
         row = request_row(tokenizer, request)
 
         label = target_label(request.target_new)
-        found = optimise_value(self.model, layout, block, layer, [row], pad_id, config)
+        found = self._optimise(layout, block, layer, [row], pad_id, config)
         key = found.keys[0]
         norm = float(key.norm())
         # The value was optimised with every other position of the row left alone, so no entry may
@@ -78,7 +78,7 @@ class GraceTuner(WrappedTuner):
             shared = self.prompts_of_entry(config, name, placement.index, label)
             rows = [row] + [request_row(tokenizer, r) for r in shared]
             start = layer.entry(adapter, placement.index)["value"]
-            found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
+            found = self._optimise(layout, block, layer, rows, pad_id, config, start=start)
         return {name: (placement, key, found.value, radius, label, bystanders, tolerance)}
 
     def after_append(self, config: GraceConfig, adapter_name: str, entry: dict, tokenizer) -> None:
@@ -112,9 +112,18 @@ class GraceTuner(WrappedTuner):
             stored = layer.entry(adapter_name, index)
             shared = self.prompts_of_entry(config, name, index, stored["label"])
             rows = [request_row(tokenizer, r) for r in shared]
-            found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=stored["value"])
+            found = self._optimise(layout, block, layer, rows, pad_id, config, start=stored["value"])
             with torch.no_grad():
                 layer.grace_values[adapter_name][index] = found.value
+
+    def _optimise(
+        self, layout, block: int, layer: GraceLayer, rows, pad_id: int, config: GraceConfig, start=None
+    ):
+        """:func:`optimise_value`; its forward passes read the rows' keys at every token on the way, which
+        are remembered for :meth:`_bystander_keys` (the same rows, run again otherwise)."""
+        found = optimise_value(self.model, layout, block, layer, rows, pad_id, config, start=start)
+        remember_token_site_inputs(self.model, block, teacher_forced_ids(rows), found.token_keys)
+        return found
 
     def _ledger_bystanders(self, config: GraceConfig, name: str, block: int, layer: GraceLayer, tokenizer, entries=None):
         """Per ledger entry (all of ``config.edits`` unless ``entries`` is given): the codebook index it
@@ -133,8 +142,7 @@ class GraceTuner(WrappedTuner):
     def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
         """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
         was not optimised for, i.e. all of prompt + target but the prompt's last token."""
-        ids = [prompt + target[:-1] for prompt, target in rows]
-        keys = cached_token_site_inputs(self.model, block, layer, ids, pad_id)
+        keys = cached_token_site_inputs(self.model, block, layer, teacher_forced_ids(rows), pad_id)
         return [k[torch.arange(k.shape[0]) != len(prompt) - 1] for k, (prompt, _) in zip(keys, rows)]
 
     @staticmethod
