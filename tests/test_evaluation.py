@@ -7,6 +7,7 @@ the single protocol on SmolLM2 to check that the numbers mean what they say.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -379,6 +380,78 @@ def test_sequential_batches_of_edits(tiny):
         evaluate(
             model, tokenizer, cases, "rome", "batch", on_curve_point=print, reference=reference, **SETTINGS
         )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_sequential_run_goes_on_from_its_checkpoint(tiny, tmp_path):
+    """Stopped after its first curve point, a run resumed from the checkpoint loads those edits instead of
+    making them again, and ends with the scores of a run never stopped."""
+    model, tokenizer = tiny
+    before = state(model)
+    cases = _cases(5)
+    reference = pre_edit_reference(
+        model, tokenizer, cases, ScoreSettings(generation_tokens=4), progress=False
+    )
+    run = {"eval_every": 2, "reference": reference, **SETTINGS}
+    whole = evaluate(model, tokenizer, cases, "rome", "sequential", **run)
+
+    def stop_after_two_cases(point):
+        if point["cases"] == 2:
+            raise _Interrupted
+
+    folder = tmp_path / "checkpoint"
+    with pytest.raises(_Interrupted):
+        evaluate(
+            model, tokenizer, cases, "rome", "sequential", checkpoint=folder, on_curve_point=stop_after_two_cases,
+            **run,
+        )  # fmt: skip
+    assert_state_unchanged(model, before)
+    first_edits = json.loads((folder / "progress.json").read_text())["edit_seconds"]
+    assert len(first_edits) == 2 and (folder / "adapter" / "adapter_config.json").is_file()
+
+    seen = []
+    resumed = evaluate(
+        model, tokenizer, cases, "rome", "sequential", checkpoint=folder, resume=True, on_curve_point=seen.append,
+        **run,
+    )  # fmt: skip
+    assert_state_unchanged(model, before)
+    assert [p["cases"] for p in resumed.curve] == [2, 4, 5] and seen == resumed.curve
+    assert [r["edit_seconds"] for r in resumed.records][:2] == first_edits  # loaded, not edited again
+    assert resumed.summary["edits"] == 5
+    for key in METRICS:
+        assert resumed.summary[key] == pytest.approx(whole.summary[key], abs=1e-6), key
+    assert [p["reliability_tf"] for p in resumed.curve] == pytest.approx(
+        [p["reliability_tf"] for p in whole.curve]
+    )
+
+
+def test_a_checkpoint_of_other_cases_or_settings_is_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    before = state(model)
+    cases = _cases(3)
+    reference = pre_edit_reference(
+        model, tokenizer, cases, ScoreSettings(generation_tokens=0), progress=False
+    )
+    run = {"reference": reference, **{**SETTINGS, "generation_tokens": 0}}
+    folder = tmp_path / "checkpoint"
+    evaluate(model, tokenizer, cases, "rome", "sequential", eval_every=2, checkpoint=folder, **run)
+    with pytest.raises(ValueError, match="another case_ids"):
+        evaluate(
+            model, tokenizer, cases[:2], "rome", "sequential", eval_every=2, checkpoint=folder, resume=True,
+            **{**run, "reference": reference.subset(2)},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="another eval_every"):
+        evaluate(
+            model, tokenizer, cases, "rome", "sequential", eval_every=1, checkpoint=folder, resume=True, **run
+        )
+    assert_state_unchanged(model, before)
+    with pytest.raises(ValueError, match="checkpoint applies to the sequential protocol"):
+        evaluate(model, tokenizer, cases, "rome", "single", checkpoint=folder, **run)
+    with pytest.raises(ValueError, match="resume=True needs the checkpoint"):
+        evaluate(model, tokenizer, cases, "rome", "sequential", resume=True, **run)
 
 
 def test_a_reference_for_other_cases_is_refused(tiny):

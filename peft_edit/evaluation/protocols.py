@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from ..data import PiqaExample, load_piqa
 from ..data.cases import EditCase
-from ..edited_model import get_edited_model
+from ..edited_model import get_edited_model, load_edited_model
 from ..registration import edit_method_config
 from ..tuners.config import EditConfig
+from .checkpoint import Progress, adapter_folder, load_progress, run_settings, save_checkpoint
 from .piqa import piqa_accuracy, sample_questions
 from .restore import WeightSnapshot
 from .scoring import METRICS, CaseOutputs, ScoreSettings, case_metrics, run_probes, summarize
@@ -198,6 +199,8 @@ def evaluate(
     verify_restore: bool = True,
     progress: bool = True,
     on_curve_point: Callable[[dict], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> EvaluationResult:
     """Edit ``model`` with ``method`` under ``protocol`` and score every case; the model is restored after.
 
@@ -218,7 +221,15 @@ def evaluate(
             to share between calls; computed here if not given.
         verify_restore: hash every weight before and check it bit for bit after the edits are unloaded.
         on_curve_point: sequential protocol: called with each curve point as soon as it is scored,
-            so that a run of hours can keep its progress (the benchmarks write it to a file).
+            so that a run of hours can keep its progress (the benchmarks write it to a file). A
+            resumed run hands it the points it restored first.
+        checkpoint: sequential protocol: a folder where the adapter and the run's progress are
+            written at every curve point (:mod:`~peft_edit.evaluation.checkpoint`), replacing what
+            it held.
+        resume: go on from the progress in ``checkpoint``, if it holds any: its adapter is loaded
+            onto ``model`` instead of the cases it covers being edited again. Refused if it was
+            written for other cases or settings. Seconds per edit then count every edit, those of
+            the earlier run included; peak memory is this process's.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -228,6 +239,10 @@ def evaluate(
         )
     if on_curve_point is not None and protocol != "sequential":
         raise ValueError("on_curve_point applies to the sequential protocol, the only one with a curve.")
+    if checkpoint is not None and protocol != "sequential":
+        raise ValueError("checkpoint applies to the sequential protocol (the others edit and score once).")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint folder to go on from.")
     for name, value in (
         ("eval_every", eval_every),
         ("piqa_every", piqa_every),
@@ -259,7 +274,8 @@ def evaluate(
     run = {"single": _single, "batch": _batch, "sequential": _sequential}[protocol]
     records, curve = run(model, tokenizer, cases, config, settings, reference, questions, meter, snapshot,
                          eval_every=eval_every, edit_batch_size=edit_batch_size, piqa_every=piqa_every,
-                         progress=progress, on_curve_point=on_curve_point)  # fmt: skip
+                         progress=progress, on_curve_point=on_curve_point, checkpoint=checkpoint,
+                         resume=resume)  # fmt: skip
     if snapshot is not None:
         snapshot.verify(model)
 
@@ -370,15 +386,34 @@ def _batch(
 
 def _sequential(
     model, tokenizer, cases, config, settings, reference, questions, meter, snapshot, *, eval_every,
-    edit_batch_size, progress, on_curve_point=None, **_,
+    edit_batch_size, progress, on_curve_point=None, checkpoint=None, resume=False, **_,
 ):  # fmt: skip
     every = eval_every or max(1, math.ceil(len(cases) / 10))
+    run = run_settings(
+        method=config.method,
+        config=describe_config(config),
+        case_ids=[c.case_id for c in cases],
+        edit_batch_size=edit_batch_size,
+        eval_every=every,
+        generation_tokens=settings.generation_tokens,  # which scores there are
+        piqa_questions=[q.goal for q in questions],
+    )
+    restored = load_progress(checkpoint, run) if resume else None
+    first = restored.cases_done if restored is not None else 0
     edited = None
     curve: list[dict] = []
     records: list[dict] = []
-    bar = tqdm(total=len(cases), desc=f"{config.method} sequential", disable=not progress)
+    bar = tqdm(total=len(cases), initial=first, desc=f"{config.method} sequential", disable=not progress)
     try:
-        for start in range(0, len(cases), edit_batch_size):
+        if restored is not None:  # the edits it covers are loaded, not made again
+            edited = load_edited_model(model, adapter_folder(checkpoint), tokenizer=tokenizer)
+            meter.edit_seconds, meter.requests = list(restored.edit_seconds), restored.requests
+            meter.eval_seconds = restored.eval_seconds
+            meter.remember_config(edited)
+            curve, records = list(restored.curve), list(restored.records)
+            for point in curve if on_curve_point is not None else []:
+                on_curve_point(dict(point))
+        for start in range(first, len(cases), edit_batch_size):
             done = min(start + edit_batch_size, len(cases))
             reqs = [r for c in cases[start:done] for r in c.requests]
             with meter.editing(len(reqs)):
@@ -396,6 +431,11 @@ def _sequential(
             point = {"cases": done, "edits": meter.requests, **summarize(records)}
             point["piqa_acc"] = _piqa(edited, tokenizer, questions, settings, meter)
             curve.append(point)
+            if checkpoint is not None:
+                so_far = Progress(
+                    run, done, meter.requests, meter.edit_seconds, meter.eval_seconds, curve, records
+                )
+                save_checkpoint(checkpoint, edited, so_far)
             if on_curve_point is not None:
                 on_curve_point(dict(point))
             bar.set_postfix(_running(records))
