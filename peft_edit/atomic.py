@@ -20,6 +20,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    # mkdtemp makes a folder only its owner may read; the saved folder gets what os.makedirs would give.
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
         if path.exists():
@@ -32,3 +34,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -167,6 +167,14 @@ def test_an_interrupted_save_leaves_the_previous_adapter(saved_adapter, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
 
 
+def test_a_saved_adapter_folder_is_readable_as_a_plain_folder_would_be(saved_adapter, tmp_path):
+    """Written into a private staging folder first, the saved folder still gets the umask's permissions."""
+    folder, _ = saved_adapter
+    load_edited_model(tiny_model("llama"), folder).save_pretrained(tmp_path / "out")
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_the_ledger_is_in_the_saved_config(saved_adapter):
     folder, _ = saved_adapter
     config = json.loads((folder / "adapter_config.json").read_text())
