@@ -72,19 +72,31 @@ class EditSiteRunner:
         layout: its :class:`~peft_edit.architectures.Layout`.
         layer: index of the block that holds the site.
         site: the module (inside block ``layer``) whose output receives δ at column ``split``.
+        keep_token_inputs: also keep the site's input at every token of each row
+            (:attr:`token_site_inputs`); off, only column ``split``'s is kept.
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, layer: int, site: nn.Module, batch: AlignedBatch):
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        layer: int,
+        site: nn.Module,
+        batch: AlignedBatch,
+        keep_token_inputs: bool = False,
+    ):
         self.model = model
         self.body = backbone(model, layout)
         self.blocks = get_blocks(model, layout)
         self.layer = layer
         self.site = site
         self.batch = batch
+        self.keep_token_inputs = keep_token_inputs
         self.site_input: torch.Tensor | None = None  # (rows, in): the site's input at column split
         self.site_output: torch.Tensor | None = None  # (rows, out): its output there, before δ
-        # Per row, the site's input at each of its tokens (padding left out), as set up on entry: δ never
-        # reaches it, so a caller that needs these keys (GRACE's bystanders) need not run the rows again.
+        # With keep_token_inputs, per row, the site's input at each of its tokens (padding left out), as set
+        # up on entry: δ never reaches it, so a caller that needs these keys (GRACE's bystanders) need not
+        # run the rows again. Off by default: other callers would copy every row's inputs for nothing.
         self.token_site_inputs: list[torch.Tensor] | None = None
         self._replayed: list[tuple[nn.Module, object]] = []  # with any instance-level forward it had
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes.
@@ -103,8 +115,12 @@ class EditSiteRunner:
             self.prefix_cache = None
             prefix_inputs = []
             if b.split > 0:
-                handle = self.site.register_forward_hook(
-                    lambda _module, args, _output: prefix_inputs.append(self._by_row(args[0]).float().clone())
+
+                def keep_prefix_inputs(_module, args, _output):
+                    prefix_inputs.append(self._by_row(args[0]).float().clone())
+
+                handles = (
+                    [self.site.register_forward_hook(keep_prefix_inputs)] if self.keep_token_inputs else []
                 )
                 try:
                     out = self.body(
@@ -114,11 +130,13 @@ class EditSiteRunner:
                         use_cache=True,
                     )
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
                 self.prefix_cache = getattr(out, self._cache_kwarg)
             suffix_inputs = self._record_lower_blocks_and_site()
-            every_column = torch.cat(prefix_inputs[:1] + [suffix_inputs], dim=1)
-            self.token_site_inputs = [x[mask.bool()] for x, mask in zip(every_column, b.attention_mask)]
+            if self.keep_token_inputs:
+                every_column = torch.cat(prefix_inputs[:1] + [suffix_inputs], dim=1)
+                self.token_site_inputs = [x[mask.bool()] for x, mask in zip(every_column, b.attention_mask)]
         # The replays read the recordings at call time, so that keep_rows can narrow them.
         for i in range(self.layer):
             self._replay(self.blocks[i], lambda i=i: self._lower_outputs[i])
@@ -166,8 +184,9 @@ class EditSiteRunner:
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
 
-    def _record_lower_blocks_and_site(self) -> torch.Tensor:
-        """Run the suffix once, keeping what the replays need; returns the site's input there (rows, columns, in)."""
+    def _record_lower_blocks_and_site(self) -> torch.Tensor | None:
+        """Run the suffix once, keeping what the replays need; with keep_token_inputs, returns the site's
+        input there (rows, columns, in)."""
         self._lower_outputs: dict[int, object] = {}
         handles = []
         seen = {}
@@ -181,8 +200,10 @@ class EditSiteRunner:
         def keep_site(_module, args, output):
             # Copies: some blocks add to the site's output in place (Falcon adds attention to it).
             self._site_full_output = output.detach().clone()
-            seen["inputs"] = self._by_row(args[0]).detach().float().clone()
-            self.site_input = seen["inputs"][:, 0].clone()
+            inputs = self._by_row(args[0]).detach()
+            self.site_input = inputs[:, 0].float().clone()
+            if self.keep_token_inputs:
+                seen["inputs"] = inputs.float().clone()
             self.site_output = self._by_row(output)[:, 0].detach().float().clone()
 
         try:
@@ -193,7 +214,7 @@ class EditSiteRunner:
         finally:
             for h in handles:
                 h.remove()
-        return seen["inputs"]
+        return seen.get("inputs")
 
     def _by_row(self, tensor: torch.Tensor) -> torch.Tensor:
         """(rows, columns, features), also for models (OPT) whose MLP sees rows and columns flattened."""

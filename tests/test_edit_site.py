@@ -147,7 +147,7 @@ def test_site_output_is_what_the_site_emits(family):
 def test_token_site_inputs_are_the_sites_input_at_every_token_of_each_row(family):
     """Gathered from the prefix run and the recording run, padding left out, in each row's token order."""
     model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
-    with EditSiteRunner(model, layout, layer, site, batch) as runner:
+    with EditSiteRunner(model, layout, layer, site, batch, keep_token_inputs=True) as runner:
         got = runner.token_site_inputs
     expected = token_site_inputs(model, site, rows, pad_id=0)
     assert [g.shape for g in got] == [e.shape for e in expected] == [(len(r), e.shape[-1]) for r, e in zip(rows, expected)]

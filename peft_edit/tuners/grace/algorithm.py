@@ -91,7 +91,7 @@ def optimise_value(
     was_training = model.training
     model.eval()
     try:
-        with EditSiteRunner(model, layout, layer, site, batch) as runner:
+        with EditSiteRunner(model, layout, layer, site, batch, keep_token_inputs=True) as runner:
             arriving = runner.site_output  # (rows, out): what reaches the last prompt token now
             keys = runner.site_input.clone()
             token_keys = runner.token_site_inputs
