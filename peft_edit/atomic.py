@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    # mkdtemp makes a folder only its owner may read; the saved folder gets what os.makedirs would give.
-    os.chmod(staging, 0o777 & ~_umask())
+    # A plain mkdir, not mkdtemp: mkdtemp's folder is owner-only, and the staging folder becomes the
+    # saved one, which should get the permissions any new folder gets (the umask's).
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         yield staging
         if path.exists():
@@ -35,9 +37,3 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it, so it is put straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
