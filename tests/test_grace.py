@@ -17,6 +17,7 @@ from torch import nn
 import peft_edit.tuners.grace.model as grace_model
 from peft_edit import EditRequest, GraceConfig, get_edited_model
 from peft_edit.tuners.config import EditConfig
+from peft_edit.tuners.grace.algorithm import StopRule
 from peft_edit.tuners.grace.config import default_grace_layer
 from peft_edit.tuners.grace.layer import GraceLayer, Placement, target_label
 from peft_edit.tuners.wrapped import CannotMergeError
@@ -412,3 +413,23 @@ def test_a_stop_margin_ends_the_value_optimisation_once_each_token_leads_and_no_
     assert by_margin < by_probability < 60
     with pytest.raises(ValueError, match="stop_margin"):
         GraceConfig(stop_margin=-0.5)
+
+
+def test_the_mean_stop_rule_wants_every_token_on_top_and_each_rows_mean_above_the_bar():
+    class Measured:  # what TargetLogProbs records of its last call
+        def __init__(self, leads):
+            self.leads = torch.tensor(leads)
+
+    half = torch.tensor(0.5).log().item()
+    two_rows = StopRule("mean", half, None, rows=torch.tensor([0, 0, 1]))
+    # Row 0: -0.1 and -0.9 average -0.5, above log 0.5 though the second token alone is below it.
+    assert two_rows(torch.tensor([-0.1, -0.9, -0.2]), Measured([2.0, 0.3, 1.0]))
+    assert not two_rows(torch.tensor([-0.1, -0.9, -0.2]), Measured([2.0, -0.1, 1.0]))  # one token beaten
+    assert not two_rows(torch.tensor([-0.1, -0.9, -0.8]), Measured([2.0, 0.3, 0.1]))  # row 1's mean too low
+    with_margin = StopRule("mean", half, 0.5, rows=torch.tensor([0, 0, 1]))
+    assert not with_margin(torch.tensor([-0.1, -0.9, -0.2]), Measured([2.0, 0.3, 1.0]))
+    every_token = StopRule("every_token", half, None, rows=torch.tensor([0, 0, 1]))
+    assert not every_token(torch.tensor([-0.1, -0.9, -0.2]), Measured([2.0, 0.3, 1.0]))
+    with pytest.raises(ValueError, match="stop_rule"):
+        GraceConfig(stop_rule="loss")
+

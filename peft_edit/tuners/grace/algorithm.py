@@ -3,7 +3,7 @@
 For one edit, the rows are the prompt followed by the target's tokens (teacher forcing); the
 value v replaces the wrapped module's output at the last prompt token of every row, and is
 optimised (Adam) to minimise the target's negative log-likelihood, until every target token is
-likely enough to be the greedy choice (``early_stop_prob``). When an entry is shared by
+the greedy choice by enough (:class:`StopRule`). When an entry is shared by
 several prompts (its radius was widened to cover a paraphrase with the same target), all of
 them are rows, so the shared value keeps serving each.
 
@@ -32,13 +32,32 @@ from ...edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 VALUE_BETAS = (0.8, 0.99)
 
 
-def every_token_holds(token_logp: torch.Tensor, targets: TargetLogProbs, stop_logp: float, margin) -> bool:
-    """Whether each target token has probability above exp(``stop_logp``) or, with a ``margin``,
-    leads every other token by that many nats (as measured by the last call of ``targets``)."""
-    held = token_logp.detach() > stop_logp
-    if margin is not None:
-        held |= targets.leads >= margin
-    return bool(held.all())
+@dataclass
+class StopRule:
+    """Whether a value's optimisation is done, judged on the target tokens' log-probabilities
+    (``GraceConfig.stop_rule``, ``early_stop_prob``, ``stop_margin``); ``rows`` says which row each
+    target token belongs to."""
+
+    rule: str
+    stop_logp: float
+    margin: float | None
+    rows: torch.Tensor
+
+    def __call__(self, token_logp: torch.Tensor, targets: TargetLogProbs) -> bool:
+        """As measured by the last call of ``targets`` (its :attr:`~TargetLogProbs.leads`)."""
+        logp = token_logp.detach()
+        if self.rule == "every_token":
+            held = logp > self.stop_logp
+            if self.margin is not None:
+                held |= targets.leads >= self.margin
+            return bool(held.all())
+        # "mean": every token the greedy choice, and each row's mean log-probability above the bar.
+        if not bool((targets.leads > (self.margin or 0.0)).all()):
+            return False
+        n_rows = int(self.rows.max()) + 1
+        sums = torch.zeros(n_rows, dtype=logp.dtype).index_add_(0, self.rows, logp)
+        counts = torch.bincount(self.rows, minlength=n_rows).to(logp.dtype)
+        return bool((sums / counts > self.stop_logp).all())
 
 
 def teacher_forced_ids(rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
@@ -86,7 +105,7 @@ def optimise_value(
             loss_weights.append(1.0 / (len(target) * len(rows)))  # mean over tokens, then rows
     loss_tokens = torch.tensor(loss_tokens, device=device)
     loss_weights = torch.tensor(loss_weights, device=device)
-    stop_logp = math.log(hp.early_stop_prob)
+    holds = StopRule(hp.stop_rule, math.log(hp.early_stop_prob), hp.stop_margin, torch.tensor(loss_rows))
 
     was_training = model.training
     model.eval()
@@ -113,11 +132,11 @@ def optimise_value(
                 if loss.item() < best_loss:
                     best_loss, best_value = loss.item(), value.detach().clone()
                 # Done once every target token is the greedy choice, by enough; a mean-loss threshold
-                # would keep polishing short targets and rarely stop long ones.
-                if every_token_holds(token_logp, targets, stop_logp, hp.stop_margin):
+                # alone would keep polishing short targets and leave some token of a long one behind.
+                if holds(token_logp, targets):
                     if not targets.exact:
                         token_logp = targets.full(hidden)
-                    if every_token_holds(token_logp, targets, stop_logp, hp.stop_margin):
+                    if holds(token_logp, targets):
                         best_value, done = value.detach().clone(), True
                         best_loss = -(token_logp * loss_weights).sum().item()
                         break

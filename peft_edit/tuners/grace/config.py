@@ -26,6 +26,8 @@ DEFAULT_INIT_RADIUS = 0.3
 # short answers (50 sequential zsRE edits scored the same with either).
 EARLY_STOP_PROB = 0.5
 
+STOP_RULES = ("every_token", "mean")
+
 
 def default_grace_layer(depth: int) -> int:
     return min(depth - 1, max(1, round(depth * DEFAULT_LAYER_FRACTION)))
@@ -75,6 +77,16 @@ class GraceConfig(OneBlockConfig):
         default=EARLY_STOP_PROB,
         metadata={"help": "Stop optimising a value once every target token has at least this probability."},
     )
+    stop_rule: str = field(
+        default="every_token",
+        metadata={
+            "help": "When a value's optimisation ends. 'every_token': every target token has probability at "
+            "least early_stop_prob (or leads by stop_margin). 'mean': every target token is the greedy choice "
+            "(leads every other token by more than stop_margin, 0 if None) and the target's mean "
+            "log-probability reaches log(early_stop_prob): a long target stops once each token wins instead "
+            "of waiting for the one whose rivals share the rest of the probability."
+        },
+    )
     stop_margin: float | None = field(
         default=None,
         metadata={
@@ -99,6 +111,8 @@ class GraceConfig(OneBlockConfig):
             raise ValueError(f"GraceConfig.init_radius must be positive, got {self.init_radius}.")
         if not 0 < self.early_stop_prob < 1:
             raise ValueError(f"GraceConfig.early_stop_prob must be in (0, 1), got {self.early_stop_prob}.")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"GraceConfig.stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}.")
         if self.stop_margin is not None and self.stop_margin < 0:
             raise ValueError(f"GraceConfig.stop_margin must be at least 0 (or None), got {self.stop_margin}.")
         if self.value_steps < 1 or self.value_lr <= 0:
