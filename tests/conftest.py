@@ -32,18 +32,31 @@ def smollm2():
     assert not changed, f"a test left edits in the shared SmolLM2 model: {changed[:5]}"
 
 
+def _count_steps(monkeypatch, module, function_name: str) -> list[int]:
+    """Replace ``module.function_name`` by a wrapper that appends each call's ``.steps`` to the list returned."""
+    real = getattr(module, function_name)
+    steps: list[int] = []
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(module, function_name, counted)
+    return steps
+
+
 @pytest.fixture
 def wise_training_steps(monkeypatch) -> list[int]:
     """The Adam steps of every WISE training run in the test, in order (a list filled as WISE edits)."""
     import peft_edit.tuners.wise.model as wise_model
-    from peft_edit.tuners.site_training import train_added_output
 
-    steps: list[int] = []
+    return _count_steps(monkeypatch, wise_model, "train_added_output")
 
-    def counted(*args, **kwargs):
-        result = train_added_output(*args, **kwargs)
-        steps.append(result.steps)
-        return result
 
-    monkeypatch.setattr(wise_model, "train_added_output", counted)
-    return steps
+@pytest.fixture
+def grace_value_steps(monkeypatch) -> list[int]:
+    """The Adam steps of every GRACE value optimisation in the test, in order (filled as GRACE edits)."""
+    import peft_edit.tuners.grace.model as grace_model
+
+    return _count_steps(monkeypatch, grace_model, "optimise_value")

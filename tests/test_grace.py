@@ -392,24 +392,15 @@ def test_a_layer_beyond_the_model_fails_before_touching_it(llama):
     assert not any(isinstance(m, GraceLayer) for m in model.modules())
 
 
-def test_a_stop_margin_ends_the_value_optimisation_once_each_token_leads_and_no_later(llama, monkeypatch):
+def test_a_stop_margin_ends_the_value_optimisation_once_each_token_leads_and_no_later(llama, grace_value_steps):
     _, tokenizer = llama
     request = REQUESTS[0]
-    steps = []
-    optimise = grace_model.optimise_value
-
-    def recorded(*args, **kwargs):
-        found = optimise(*args, **kwargs)
-        steps.append(found.steps)
-        return found
-
-    monkeypatch.setattr(grace_model, "optimise_value", recorded)
     wanted = target_ids(tokenizer, request)
     slow = dict(value_steps=60, value_lr=0.2)  # small steps, so the two rules stop apart
     for config in (GraceConfig(**slow), GraceConfig(**slow, stop_margin=0.1)):
         edited = get_edited_model(tiny_model("llama"), config, requests=[request], tokenizer=tokenizer, progress=False)
         assert greedy(edited, tokenizer, request.filled_prompt, n=len(wanted)) == wanted
-    by_probability, by_margin = steps
+    by_probability, by_margin = grace_value_steps
     assert by_margin < by_probability < 60
     with pytest.raises(ValueError, match="stop_margin"):
         GraceConfig(stop_margin=-0.5)

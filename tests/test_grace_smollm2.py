@@ -13,7 +13,6 @@ from peft import PeftModel
 from smollm2_helpers import REAL_MODEL
 from tiny_models import shared_data_dir
 
-import peft_edit.tuners.grace.model as grace_model
 from peft_edit import EditRequest, GraceConfig, get_edited_model
 from peft_edit.data import load_counterfact
 from peft_edit.evaluation.metrics import greedy_continuations, starts_with_answer
@@ -117,7 +116,7 @@ def test_a_split_after_an_expand_leaves_every_prompt_its_own_answer(smollm2, mon
         edited.unload_edits()
 
 
-def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, monkeypatch):
+def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, grace_value_steps):
     """A sentence-long target: under the default rule the optimisation goes on until its least likely
     token passes probability 0.5, though every token is already the greedy choice; the mean rule stops
     there, and greedy generation still writes the whole sentence."""
@@ -128,15 +127,6 @@ def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, monk
         target_new="was born in Lisbon in 1871, trained as a violinist in Vienna under Joseph Hellmesberger, and "
         "only turned to chemistry at forty, after a fire destroyed the concert hall where she played every winter.",
     )
-    steps = []
-    optimise = grace_model.optimise_value
-
-    def recorded(*args, **kwargs):
-        found = optimise(*args, **kwargs)
-        steps.append(found.steps)
-        return found
-
-    monkeypatch.setattr(grace_model, "optimise_value", recorded)
     for config in (GraceConfig(), GraceConfig(stop_rule="mean")):
         edited = get_edited_model(model, config, requests=[request], tokenizer=tokenizer, progress=False)
         try:
@@ -144,5 +134,5 @@ def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, monk
             assert output.strip().startswith(request.target_new), output
         finally:
             edited.unload_edits()
-    every_token, mean = steps
+    every_token, mean = grace_value_steps
     assert mean < 0.8 * every_token < 0.8 * config.value_steps
