@@ -55,7 +55,7 @@ class StopRule:
         if not bool((targets.leads > (self.margin or 0.0)).all()):
             return False
         n_rows = int(self.rows.max()) + 1
-        sums = torch.zeros(n_rows, dtype=logp.dtype).index_add_(0, self.rows, logp)
+        sums = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(0, self.rows, logp)
         counts = torch.bincount(self.rows, minlength=n_rows).to(logp.dtype)
         return bool((sums / counts > self.stop_logp).all())
 
@@ -105,7 +105,9 @@ def optimise_value(
             loss_weights.append(1.0 / (len(target) * len(rows)))  # mean over tokens, then rows
     loss_tokens = torch.tensor(loss_tokens, device=device)
     loss_weights = torch.tensor(loss_weights, device=device)
-    holds = StopRule(hp.stop_rule, math.log(hp.early_stop_prob), hp.stop_margin, torch.tensor(loss_rows))
+    holds = StopRule(
+        hp.stop_rule, math.log(hp.early_stop_prob), hp.stop_margin, torch.tensor(loss_rows, device=device)
+    )
 
     was_training = model.training
     model.eval()

@@ -75,7 +75,10 @@ class GraceConfig(OneBlockConfig):
     )
     early_stop_prob: float = field(
         default=EARLY_STOP_PROB,
-        metadata={"help": "Stop optimising a value once every target token has at least this probability."},
+        metadata={
+            "help": "Stop optimising a value once every target token has at least this probability "
+            "(stop_rule='mean': once their mean log-probability reaches its log)."
+        },
     )
     stop_rule: str = field(
         default="every_token",
