@@ -26,6 +26,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        _give_files_plain_permissions(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, retired / path.name)
@@ -37,3 +38,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
+
+
+def _give_files_plain_permissions(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a file made with ``open`` gets there (the umask's).
+
+    safetensors (from 0.8) writes through an owner-only temporary file that it renames into place,
+    so the weights of a saved adapter would be unreadable to anyone else while its config is not.
+    The mode is read off a probe file rather than by setting the process's umask to learn it.
+    """
+    probe = folder / f".mode-probe-{uuid.uuid4().hex}"
+    probe.touch()
+    try:
+        plain = probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != plain:
+            file.chmod(plain)

@@ -167,12 +167,17 @@ def test_an_interrupted_save_leaves_the_previous_adapter(saved_adapter, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
 
 
-def test_a_saved_adapter_folder_is_readable_as_a_plain_folder_would_be(saved_adapter, tmp_path):
-    """Written into a private staging folder first, the saved folder still gets the umask's permissions."""
+def test_a_saved_adapter_is_readable_as_a_plain_folder_and_files_would_be(saved_adapter, tmp_path):
+    """Written into a staging folder first, the saved folder and every file in it (the weights too, which
+    safetensors writes owner-only) still get the umask's permissions."""
     folder, _ = saved_adapter
     load_edited_model(tiny_model("llama"), folder).save_pretrained(tmp_path / "out")
     (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").touch()
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode for p in files} == {p.name: (tmp_path / "plain.txt").stat().st_mode for p in files}
 
 
 def test_the_ledger_is_in_the_saved_config(saved_adapter):
