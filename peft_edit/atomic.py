@@ -39,7 +39,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-
 def _give_files_plain_permissions(folder: Path) -> None:
     """Give every file under ``folder`` the mode a file made with ``open`` gets there (the umask's).
 

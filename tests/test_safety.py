@@ -177,7 +177,8 @@ def test_a_saved_adapter_is_readable_as_a_plain_folder_and_files_would_be(saved_
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
     files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert any(p.suffix == ".safetensors" for p in files)
-    assert {p.name: p.stat().st_mode for p in files} == {p.name: (tmp_path / "plain.txt").stat().st_mode for p in files}
+    plain_file_mode = (tmp_path / "plain.txt").stat().st_mode
+    assert {p.name: p.stat().st_mode for p in files} == {p.name: plain_file_mode for p in files}
 
 
 def test_the_ledger_is_in_the_saved_config(saved_adapter):
