@@ -24,4 +24,21 @@ def device_description(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model, family and bfloat16 support as /proc/cpuinfo gives them (timings differ by CPU)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return f"{platform.processor() or platform.machine()} CPU"
+    flags = fields.get("flags", "").split()
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{fields.get('model name', platform.machine())} CPU (family {fields.get('cpu family', '?')}, model "
+        f"{fields.get('model', '?')}; {', '.join(bf16) or 'no bfloat16 instructions'})"
+    )

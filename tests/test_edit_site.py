@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model_and_tokenizer
 
-from peft_edit.architectures import backbone, get_layout, logits_from_hidden, mlp_out_name
+from peft_edit.architectures import backbone, get_blocks, get_layout, logits_from_hidden, mlp_out_name
 from peft_edit.edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 from peft_edit.tuners.site_training import token_site_inputs
 
@@ -165,6 +165,36 @@ def test_gradient_reaches_delta_only():
         runner.final_hidden(delta).sum().backward()
     assert delta.grad is not None and delta.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bfloat16_runner_approximates_each_step_and_switches_back_to_exact(family):
+    """Steps in bfloat16 come near the exact hidden states, full_precision() gives them exactly, gradients
+    reach δ in float32, dropped rows stay aligned, and the model's weights come back bit for bit."""
+    model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    with EditSiteRunner(model, layout, layer, site, batch, compute_dtype=torch.bfloat16) as runner:
+        assert runner.lowered
+        approximate = runner.final_hidden(delta)
+        approximate.pow(2).sum().backward()
+        with torch.no_grad(), runner.full_precision():
+            exact = runner.final_hidden(delta)
+        runner.keep_rows([2])
+        with torch.no_grad():
+            kept = runner.final_hidden(delta)
+    assert approximate.dtype == torch.float32 and delta.grad is not None and delta.grad.abs().sum() > 0
+    for r, (ids, s) in enumerate(zip(rows, sites)):
+        expected = full_forward_hidden(model, layout, site, ids, s, delta.detach())
+        n = len(ids) - s
+        torch.testing.assert_close(exact[r, :n], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}")
+        error = (approximate[r, :n].detach() - expected).norm() / expected.norm()
+        assert 0 < error < 0.05, f"{family} row {r}: relative error {error:.4f}"
+    error = (kept[0, : len(rows[2]) - sites[2]] - exact[2, : len(rows[2]) - sites[2]]).norm() / exact[2].norm()
+    assert error < 0.05
+    for name, p in model.named_parameters():
+        assert p.dtype == weights[name].dtype and torch.equal(p, weights[name]), name
+    assert not any(block._forward_pre_hooks for block in get_blocks(model, layout))
 
 
 # ------------------------------------------------------------------------- shortlisted softmax

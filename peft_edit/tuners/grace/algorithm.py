@@ -10,7 +10,8 @@ them are rows, so the shared value keeps serving each.
 Only what v can reach is recomputed at each step: positions before the last prompt token are
 cached, blocks below the codebook's block are replayed, and the LM head runs only where the loss
 reads logits (:class:`~peft_edit.edit_site.EditSiteRunner`), over a shortlist of the vocabulary
-between full refreshes (:class:`~peft_edit.edit_site.TargetLogProbs`).
+between full refreshes (:class:`~peft_edit.edit_site.TargetLogProbs`). With ``compute_dtype`` the
+blocks a step runs work in that dtype; the stop rule is confirmed at the model's own precision.
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def optimise_value(
     was_training = model.training
     model.eval()
     try:
-        with EditSiteRunner(model, layout, layer, site, batch, keep_token_inputs=True) as runner:
+        compute_dtype = getattr(torch, hp.compute_dtype) if hp.compute_dtype else None
+        with EditSiteRunner(
+            model, layout, layer, site, batch, keep_token_inputs=True, compute_dtype=compute_dtype
+        ) as runner:
             arriving = runner.site_output  # (rows, out): what reaches the last prompt token now
             keys = runner.site_input.clone()
             token_keys = runner.token_site_inputs
@@ -136,7 +140,10 @@ def optimise_value(
                 # Done once every target token is the greedy choice, by enough; a mean-loss threshold
                 # alone would keep polishing short targets and leave some token of a long one behind.
                 if holds(token_logp, targets):
-                    if not targets.exact:
+                    if runner.lowered:  # a result is judged at the model's own precision
+                        with torch.no_grad(), runner.full_precision():
+                            hidden = runner.final_hidden(value.detach()[None, :] - arriving)
+                    if runner.lowered or not targets.exact:
                         token_logp = targets.full(hidden)
                     if holds(token_logp, targets):
                         best_value, done = value.detach().clone(), True
@@ -147,7 +154,7 @@ def optimise_value(
                 loss.backward()
                 optimizer.step()
             if not done:  # the best loss seen may come from a shortlist: measure it on the full vocabulary
-                with torch.no_grad():
+                with torch.no_grad(), runner.full_precision():
                     token_logp = targets.full(runner.final_hidden(best_value[None, :] - arriving))
                 best_loss = -(token_logp * loss_weights).sum().item()
     finally:
