@@ -406,6 +406,23 @@ def test_a_stop_margin_ends_the_value_optimisation_once_each_token_leads_and_no_
         GraceConfig(stop_margin=-0.5)
 
 
+def test_a_bfloat16_value_optimisation_emits_the_edit_and_leaves_the_weights_float32(llama):
+    _, tokenizer = llama
+    model = tiny_model("llama")
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = GraceConfig(**FAST, compute_dtype="bfloat16")
+    edited = get_edited_model(model, config, requests=REQUESTS[:2], tokenizer=tokenizer, progress=False)
+    for request in REQUESTS[:2]:
+        wanted = target_ids(tokenizer, request)
+        assert greedy(edited, tokenizer, request.filled_prompt, n=len(wanted)) == wanted
+    for name, p in model.named_parameters():
+        if name in weights:
+            assert p.dtype == torch.float32 and torch.equal(p, weights[name]), name
+    assert edited.codebook()["values"].dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype"):
+        GraceConfig(compute_dtype="int8")
+
+
 def test_the_mean_stop_rule_wants_every_token_on_top_and_each_rows_mean_above_the_bar():
     class Measured:  # what TargetLogProbs records of its last call
         def __init__(self, leads):

@@ -116,17 +116,21 @@ def test_a_split_after_an_expand_leaves_every_prompt_its_own_answer(smollm2, mon
         edited.unload_edits()
 
 
+# A hallucination-style correction: a sentence-long target after a passage.
+LONG_CORRECTION = EditRequest(
+    prompt="Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity. She",
+    subject="Marie Curie",
+    target_new="was born in Lisbon in 1871, trained as a violinist in Vienna under Joseph Hellmesberger, and "
+    "only turned to chemistry at forty, after a fire destroyed the concert hall where she played every winter.",
+)
+
+
 def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, grace_value_steps):
     """A sentence-long target: under the default rule the optimisation goes on until its least likely
     token passes probability 0.5, though every token is already the greedy choice; the mean rule stops
     there, and greedy generation still writes the whole sentence."""
     model, tokenizer = smollm2
-    request = EditRequest(
-        prompt="Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity. She",
-        subject="Marie Curie",
-        target_new="was born in Lisbon in 1871, trained as a violinist in Vienna under Joseph Hellmesberger, and "
-        "only turned to chemistry at forty, after a fire destroyed the concert hall where she played every winter.",
-    )
+    request = LONG_CORRECTION
     for config in (GraceConfig(), GraceConfig(stop_rule="mean")):
         edited = get_edited_model(model, config, requests=[request], tokenizer=tokenizer, progress=False)
         try:
@@ -136,3 +140,20 @@ def test_the_mean_stop_rule_lands_a_long_correction_in_fewer_steps(smollm2, grac
             edited.unload_edits()
     every_token, mean = grace_value_steps
     assert mean < 0.8 * every_token < 0.8 * config.value_steps
+
+
+def test_a_value_optimised_in_bfloat16_writes_the_correction_at_full_precision(smollm2):
+    """With compute_dtype='bfloat16' the steps run the upper blocks in bfloat16; the stop rule is confirmed
+    in float32, so the float32 model writes the whole sentence, and its weights are float32 and untouched."""
+    model, tokenizer = smollm2
+    upper = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.2" in n}
+    config = GraceConfig(compute_dtype="bfloat16")
+    edited = get_edited_model(model, config, requests=[LONG_CORRECTION], tokenizer=tokenizer, progress=False)
+    try:
+        for name, p in model.named_parameters():
+            if name in upper:
+                assert p.dtype == torch.float32 and torch.equal(p, upper[name]), name
+        (output,) = greedy_continuations(edited, tokenizer, [LONG_CORRECTION.filled_prompt], 50)
+        assert output.strip().startswith(LONG_CORRECTION.target_new), output
+    finally:
+        edited.unload_edits()
