@@ -13,8 +13,17 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
-    """Raised by the last hook to fire, so the blocks above it are not computed."""
+class StopForward(Exception):
+    """Raised by a hook that has read all it needs, so the blocks above it are not computed
+    (:func:`run_stoppable` ends the pass quietly)."""
+
+
+def run_stoppable(run: Callable[[], Any]) -> None:
+    """Call ``run()`` (a forward pass) and let a hook end it early by raising :class:`StopForward`."""
+    try:
+        run()
+    except StopForward:
+        pass
 
 
 def capture(
@@ -39,7 +48,7 @@ def capture(
         if key not in store:
             store[key] = transform(tensor) if transform is not None else tensor
         if len(seen_inputs) + len(seen_outputs) == wanted:
-            raise _StopForward
+            raise StopForward
 
     handles = [
         module.register_forward_pre_hook(lambda _m, args, _k=key: keep(seen_inputs, _k, args[0]))
@@ -52,9 +61,7 @@ def capture(
         for key, module in outputs.items()
     ]
     try:
-        run()
-    except _StopForward:
-        pass
+        run_stoppable(run)
     finally:
         for handle in handles:
             handle.remove()

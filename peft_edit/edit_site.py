@@ -37,6 +37,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .architectures import Layout, backbone, get_blocks, logits_from_hidden
+from .capture import StopForward, run_stoppable
 
 
 @dataclass
@@ -229,8 +230,8 @@ class EditSiteRunner:
             p.requires_grad_(flag)
 
     def _record_lower_blocks_and_site(self) -> torch.Tensor | None:
-        """Run the suffix once, keeping what the replays need; with keep_token_inputs, returns the site's
-        input there (rows, columns, in)."""
+        """Run the suffix once up to the site, keeping what the replays need; with keep_token_inputs,
+        returns the site's input there (rows, columns, in)."""
         self._lower_outputs: dict[int, object] = {}
         handles = []
         seen = {}
@@ -249,12 +250,13 @@ class EditSiteRunner:
             if self.keep_token_inputs:
                 seen["inputs"] = inputs.float().clone()
             self.site_output = self._by_row(output)[:, 0].detach().float().clone()
+            raise StopForward  # nothing above the site is recorded
 
         try:
             for i in range(self.layer):
                 handles.append(self.blocks[i].register_forward_hook(keep_block_output(i)))
             handles.append(self.site.register_forward_hook(keep_site))
-            self._run_suffix()
+            run_stoppable(self._run_suffix)
         finally:
             for h in handles:
                 h.remove()

@@ -100,6 +100,21 @@ def test_runner_restores_blocks_and_gradient_flags():
     assert "forward" not in vars(site)
 
 
+def test_setting_up_runs_the_blocks_above_the_site_over_the_prefix_only():
+    """The suffix is recorded up to the site; what lies above it is recomputed at every step anyway."""
+    model, layout, layer, site, rows, sites, batch = texts_at_layer_2("llama")
+    top = get_blocks(model, layout)[-1]
+    widths = []
+    handle = top.register_forward_pre_hook(lambda _m, args, kwargs: widths.append(args[0].shape[1]), with_kwargs=True)
+    try:
+        with EditSiteRunner(model, layout, layer, site, batch) as runner:
+            assert widths == [batch.split]  # the prefix pass, for the cache
+            runner.final_hidden(torch.zeros(model.config.hidden_size))
+    finally:
+        handle.remove()
+    assert widths == [batch.split, batch.input_ids.shape[1] - batch.split]
+
+
 def test_steps_replay_the_site_and_its_own_forward_comes_back():
     """The site's input does not depend on δ, so its output (other edits included) is computed once."""
     model, tokenizer = tiny_model_and_tokenizer("llama")

@@ -18,8 +18,9 @@ import peft_edit.tuners.grace.model as grace_model
 from peft_edit import EditRequest, GraceConfig, get_edited_model
 from peft_edit.tuners.config import EditConfig
 from peft_edit.tuners.grace.algorithm import StopRule
+from peft_edit.tuners.grace.bystanders import BystanderBank
 from peft_edit.tuners.grace.config import default_grace_layer
-from peft_edit.tuners.grace.layer import GraceLayer, Placement, target_label
+from peft_edit.tuners.grace.layer import GraceLayer, Placement, clear_radii, target_label
 from peft_edit.tuners.wrapped import CannotMergeError
 
 TEMPLATE = "{} is located in the city of"
@@ -153,6 +154,38 @@ def test_radii_keep_clear_of_bystander_keys():
     # A bystander at the key itself (an edited prompt that begins another edited row) is its context.
     layer.keep_clear_of("default", [torch.tensor([[10.0, 0.0]])], tolerance=1e-3)
     torch.testing.assert_close(layer.grace_radii["default"], torch.tensor([0.6, 0.2]))
+
+
+def test_clear_radii_of_bystanders_in_blocks_are_those_of_the_blocks_joined():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(4, 8, generator=generator)
+    blocks = [torch.randn(n, 8, generator=generator) for n in (5, 0, 3, 7)]
+    blocks.append(keys[1:2] * (1 + 1e-5))  # key 1's own context: not a neighbour
+    joined = torch.cat(blocks)
+    radii = clear_radii(keys, blocks, tolerance=1e-3)
+    expected = torch.cdist(keys, joined)
+    expected[1, -1] = float("inf")
+    torch.testing.assert_close(radii, expected.min(dim=-1).values / 2)
+    assert clear_radii(keys, [torch.empty(0, 8)], tolerance=1e-3).isinf().all()
+
+
+def test_the_bystander_bank_grows_with_the_ledger_and_rebuilds_when_it_changes_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    blocks = [(f"row {i}", i // 2, torch.randn(n, 8, generator=generator)) for i, n in enumerate((3, 0, 700, 500, 2))]
+    bank = BystanderBank()
+    bank.sync(blocks[:2])
+    assert bank.size == 3
+    bank.sync(blocks)  # appended: past the first capacity, the stored keys are carried over
+    key = torch.randn(8, generator=generator)
+    joined = torch.cat([keys for _, _, keys in blocks])
+    torch.testing.assert_close(bank.keys, joined)
+    torch.testing.assert_close(bank.distances(key), torch.cdist(key[None], joined)[0], atol=1e-4, rtol=1e-5)
+    assert bank.owners.tolist() == [0] * 3 + [1] * 700 + [1] * 500 + [2] * 2
+    bank.sync([blocks[0], blocks[3]])  # a block gone from the middle (a retired request): rebuilt
+    torch.testing.assert_close(bank.keys, torch.cat([blocks[0][2], blocks[3][2]]))
+    assert bank.owners.tolist() == [0] * 3 + [1] * 500
+    bank.sync([])
+    assert bank.size == 0 and bank.distances(key).shape == (0,)
 
 
 # ---------------------------------------------------------------------------- the adapter

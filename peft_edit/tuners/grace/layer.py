@@ -58,23 +58,26 @@ def clear_radii(keys: torch.Tensor, bystanders: Sequence[torch.Tensor], toleranc
     the key's own context, not a neighbour: an edit whose prompt begins another edited row (a
     passage corrected sentence by sentence) answers there too, as it would with no radius at all.
     """
-    present = [b for b in bystanders if len(b)]
-    if not present:
-        return torch.full((keys.shape[0],), float("inf"), device=keys.device)
     keys = keys.float()
-    distances = torch.cdist(keys, torch.cat(present).float().to(keys.device))
-    own_context = _within_tolerance(distances, keys, tolerance)
+    radii = torch.full((keys.shape[0],), float("inf"), device=keys.device)
+    for block in bystanders:  # blocks are views into each row's keys: joining them would copy them all
+        if len(block):
+            distances = torch.cdist(keys, block.float().to(keys.device))
+            radii = torch.minimum(radii, half_clear_distance(distances, keys, tolerance))
+    return radii
+
+
+def half_clear_distance(distances: torch.Tensor, keys: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(n,) from the distances (n, m) of ``keys`` (n, in) to m > 0 bystanders: half the distance to the
+    nearest that is not the key's own context (see :func:`clear_radii`)."""
+    own_context = same_context(distances, keys, tolerance)
     return distances.masked_fill(own_context, float("inf")).min(dim=-1).values / 2
 
 
-def same_context(keys: torch.Tensor, bystanders: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """(n, m) bool: bystander j lies within ``tolerance`` (a fraction of the key's norm) of key i,
-    i.e. it is the same text as that key's prompt, up to rounding. ``keys`` may be one key (in,)."""
-    keys = keys.float().reshape(-1, keys.shape[-1])
-    return _within_tolerance(torch.cdist(keys, bystanders.float().to(keys.device)), keys, tolerance)
-
-
-def _within_tolerance(distances: torch.Tensor, keys: torch.Tensor, tolerance: float) -> torch.Tensor:
+def same_context(distances: torch.Tensor, keys: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(n, m) bool, from the distances (n, m) of ``keys`` (n, in) to m bystanders: bystander j lies
+    within ``tolerance`` (a fraction of the key's norm) of key i, i.e. it is the same text as that
+    key's prompt, up to rounding."""
     return distances <= tolerance * keys.norm(dim=-1, keepdim=True)
 
 

@@ -10,12 +10,16 @@ from ...requests import EditRequest, pad_token_id, tokenize_continuation
 from ..site_training import cached_token_site_inputs, remember_token_site_inputs
 from ..wrapped import WrappedTuner
 from .algorithm import optimise_value, teacher_forced_ids
+from .bystanders import BystanderBank
 from .config import GraceConfig
-from .layer import GraceLayer, Placement, clear_radius, same_context, target_label
+from .layer import GraceLayer, Placement, clear_radius, half_clear_distance, same_context, target_label
 
 # Per tokenizer: (prompt ids, target ids) of each (prompt, target) seen. Every edit re-reads the whole
 # ledger (bystanders, refits), and tokenizing hundreds of passages twice per edit adds up.
 _ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# Per GRACE layer and adapter: the bystander keys of the ledger's rows (see BystanderBank).
+_BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def request_row(tokenizer, request: EditRequest) -> tuple[list[int], list[int]]:
@@ -61,15 +65,20 @@ class GraceTuner(WrappedTuner):
         # The value was optimised with every other position of the row left alone, so no entry may
         # reach those positions, of this row or of an earlier edit's (see GraceLayer.keep_clear_of).
         bystanders = self._bystander_keys(block, layer, [row], pad_id)
-        every_bystander = bystanders + [
-            keys for _, keys in self._ledger_bystanders(config, name, block, layer, tokenizer)
-        ]
+        earlier = self._ledger_bank(config, adapter, name, block, layer, tokenizer, config.edits)
         tolerance = config.replace_tolerance
-        radius = min(config.init_radius * norm, clear_radius(key, every_bystander, tolerance))
+
+        def clear_of_bystanders(key: torch.Tensor) -> float:
+            radius = clear_radius(key, bystanders, tolerance)
+            if earlier.size:
+                radius = min(radius, float(half_clear_distance(earlier.distances(key)[None], key[None], tolerance)[0]))
+            return radius
+
+        radius = min(config.init_radius * norm, clear_of_bystanders(key))
         placement = layer.placement(adapter, key, label, radius, config.replace_tolerance * norm)
         if placement.action == "expand":
             stored = layer.entry(adapter, placement.index)["key"]
-            if placement.distance + placement.margin > clear_radius(stored, every_bystander, tolerance):
+            if placement.distance + placement.margin > clear_of_bystanders(stored):
                 # Widening the stored ball to this key would take in a bystander: a ball of its own instead.
                 placement = Placement("add", None, placement.distance)
         if placement.action == "expand":
@@ -98,15 +107,14 @@ class GraceTuner(WrappedTuner):
         layout = config.layout(self.model)
         block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
-        earlier = self._ledger_bystanders(config, name, block, layer, tokenizer, entries=config.edits[:-1])
+        earlier = self._ledger_bank(config, adapter_name, name, block, layer, tokenizer, config.edits[:-1])
+        in_context = same_context(earlier.distances(key)[None], key[None], config.replace_tolerance)[0]
+        indices = [entry["modules"].get(name, [None])[0] for entry in config.edits[:-1]]
         # The new entry's own requests (a replaced entry's included) were just optimised with it.
         touched = {
-            index
-            for index, bystanders in earlier
-            if index is not None
-            and index != new_index
-            and len(bystanders)
-            and same_context(key, bystanders, config.replace_tolerance).any()
+            indices[position]
+            for position in earlier.owners[in_context].unique().tolist()
+            if indices[position] is not None and indices[position] != new_index
         }
         for index in sorted(touched):
             stored = layer.entry(adapter_name, index)
@@ -125,25 +133,34 @@ class GraceTuner(WrappedTuner):
         remember_token_site_inputs(self.model, block, teacher_forced_ids(rows), found.token_keys)
         return found
 
-    def _ledger_bystanders(self, config: GraceConfig, name: str, block: int, layer: GraceLayer, tokenizer, entries=None):
-        """Per ledger entry (all of ``config.edits`` unless ``entries`` is given): the codebook index it
-        occupies (None if it holds no entry at ``name``) and the bystander keys (n, in) of its rows
-        (:meth:`_bystander_keys`) of the requests no later edit replaced."""
+    def _ledger_bank(
+        self, config: GraceConfig, adapter: str, name: str, block: int, layer: GraceLayer, tokenizer, entries
+    ) -> BystanderBank:
+        """The adapter's :class:`BystanderBank`, brought to the bystander keys (:meth:`_bystander_keys`) of
+        the requests of ``entries`` (ledger entries, in order) that no later edit replaced, each owned
+        by its entry's position."""
         pad_id = pad_token_id(tokenizer)
-        found = []
-        for entry in config.edits if entries is None else entries:
+        blocks = []
+        for position, entry in enumerate(entries):
             requests = [EditRequest.from_dict(r) for r in entry["requests"] if "replaced_by" not in r]
             rows = [request_row(tokenizer, r) for r in requests]
-            keys = self._bystander_keys(block, layer, rows, pad_id) if rows else []
-            index = entry["modules"].get(name, [None])[0]
-            found.append((index, torch.cat(keys) if keys else torch.empty(0)))
-        return found
+            parts = self._bystander_keys(block, layer, rows, pad_id) if rows else []
+            labels = [(position, tuple(prompt), tuple(target), half) for prompt, target in rows for half in (0, 1)]
+            blocks.extend((label, position, keys) for label, keys in zip(labels, parts, strict=True))
+        bank = _BANKS.setdefault(layer, {}).setdefault(adapter, BystanderBank())
+        bank.sync(blocks)
+        return bank
 
     def _bystander_keys(self, block: int, layer: GraceLayer, rows, pad_id: int) -> list[torch.Tensor]:
-        """Per row (prompt ids, target ids): the codebook module's inputs at every position the value
-        was not optimised for, i.e. all of prompt + target but the prompt's last token."""
+        """The codebook module's inputs, in rows (prompt ids, target ids), at every position the value
+        was not optimised for, i.e. all of prompt + target but the prompt's last token: per row two
+        views (before and after that token) of the remembered keys, so that nothing is copied."""
         keys = cached_token_site_inputs(self.model, block, layer, teacher_forced_ids(rows), pad_id)
-        return [k[torch.arange(k.shape[0]) != len(prompt) - 1] for k, (prompt, _) in zip(keys, rows)]
+        return [
+            part
+            for row_keys, (prompt, _) in zip(keys, rows)
+            for part in (row_keys[: len(prompt) - 1], row_keys[len(prompt) :])
+        ]
 
     @staticmethod
     def prompts_of_entry(config: GraceConfig, module_name: str, index: int, label: int):
