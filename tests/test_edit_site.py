@@ -244,9 +244,17 @@ def test_target_log_probs_refresh_on_the_full_vocabulary_and_bound_from_above_be
     assert not targets.exact
     targets(hidden)
     assert targets.exact  # every refresh_every-th call (3 here) refreshes
-    torch.testing.assert_close(targets.full(hidden), exact)
     targets(hidden)
-    assert targets.exact  # a full check refreshes the shortlist on the next call
+    assert not targets.exact
+    targets.shortlist = None
+    torch.testing.assert_close(targets.full(hidden), exact)
+    assert set(targets.shortlist.tolist()) >= {7, 11, 3}  # a full check takes the shortlist afresh
+    targets(hidden)
+    assert not targets.exact  # and the count to the next refresh starts again
+    targets(hidden)
+    assert not targets.exact
+    targets(hidden)
+    assert targets.exact
 
 
 def test_target_log_probs_with_every_token_shortlisted_are_exact():
@@ -262,6 +270,19 @@ def test_target_log_probs_pass_gradients_through_the_shortlist():
     targets(hidden)
     targets(hidden).sum().backward()
     assert hidden.grad[0, 1].abs().sum() > 0 and hidden.grad[0, 0].abs().sum() == 0
+
+
+def test_a_refresh_call_measures_on_the_full_vocabulary_and_passes_the_shortlists_gradient():
+    model, hidden, targets, exact = _target_log_probs(per_position=4)
+    hidden = hidden.clone().requires_grad_(True)
+    refreshed = targets(hidden)
+    torch.testing.assert_close(refreshed.detach(), exact)
+    (grad,) = torch.autograd.grad(refreshed.sum(), hidden)
+    picked = hidden[targets.rows, targets.columns]
+    shortlisted = torch.log_softmax(logits_from_hidden(model, picked, targets.shortlist), dim=-1)
+    wanted = shortlisted.gather(1, torch.searchsorted(targets.shortlist, targets.tokens)[:, None]).sum()
+    (expected,) = torch.autograd.grad(wanted, hidden)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_target_log_probs_record_whether_every_target_is_the_argmax():
