@@ -245,12 +245,27 @@ def lm_head(model: nn.Module) -> nn.Module:
 
 
 def logits_from_hidden(
-    model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tensor | None = None
+    model: nn.Module,
+    hidden: torch.Tensor,
+    vocabulary: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The logits the model computes from its final hidden states (the backbone's output); with
-    ``vocabulary`` (token ids), only those columns, computed from those rows of the head alone."""
+    ``vocabulary`` (token ids), only those columns, computed from those rows of the head alone.
+
+    ``head_weight`` stands in for a plain linear head's weight (a lower-precision copy of it, say);
+    the hidden states and the bias are converted to its dtype.
+    """
     head = lm_head(model)
-    if vocabulary is None:
+    if head_weight is not None:
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head_weight needs a plain linear LM head, not {type(head).__name__}.")
+        weight, bias = head_weight, head.bias
+        if vocabulary is not None:
+            weight, bias = weight[vocabulary], None if bias is None else bias[vocabulary]
+        bias = None if bias is None else bias.to(weight.dtype)
+        logits = nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+    elif vocabulary is None:
         logits = head(hidden)
     elif isinstance(head, nn.Linear):
         bias = None if head.bias is None else head.bias[vocabulary]

@@ -18,12 +18,13 @@ class StopForward(Exception):
     (:func:`run_stoppable` ends the pass quietly)."""
 
 
-def run_stoppable(run: Callable[[], Any]) -> None:
-    """Call ``run()`` (a forward pass) and let a hook end it early by raising :class:`StopForward`."""
+def run_stoppable(run: Callable[[], Any]) -> Any:
+    """Call ``run()`` (a forward pass) and let a hook end it early by raising :class:`StopForward`;
+    returns what ``run`` returns, or None if it was stopped."""
     try:
-        run()
+        return run()
     except StopForward:
-        pass
+        return None
 
 
 def capture(

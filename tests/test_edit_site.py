@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model_and_tokenizer
+from torch import nn
 
-from peft_edit.architectures import backbone, get_blocks, get_layout, logits_from_hidden, mlp_out_name
+from peft_edit.architectures import (
+    backbone,
+    get_blocks,
+    get_layout,
+    lm_head,
+    logits_from_hidden,
+    mlp_out_name,
+)
 from peft_edit.edit_site import AlignedBatch, EditSiteRunner, TargetLogProbs
 from peft_edit.tuners.site_training import token_site_inputs
 
@@ -66,6 +74,22 @@ def test_runner_matches_full_forward(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_runner_without_a_prefix_matches_full_forward(family):
+    """Sites at the first column: no cache, the setting-up pass ends with the site's block (parts of it
+    called again after the site, like Phi's dropout, must keep running at every step)."""
+    model, layout, layer, site, rows, _, _ = texts_at_layer_2(family)
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    batch = AlignedBatch.build(rows, [0] * len(rows), pad_id=0)
+    with EditSiteRunner(model, layout, layer, site, batch) as runner:
+        assert runner.prefix_cache is None
+        fast = runner.final_hidden(delta)
+    for r, ids in enumerate(rows):
+        expected = full_forward_hidden(model, layout, site, ids, 0, delta)
+        got = fast[r, : len(ids)]
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rows_dropped_mid_optimisation_leave_the_others_exact(family):
     model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
     deltas = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -100,19 +124,26 @@ def test_runner_restores_blocks_and_gradient_flags():
     assert "forward" not in vars(site)
 
 
-def test_setting_up_runs_the_blocks_above_the_site_over_the_prefix_only():
-    """The suffix is recorded up to the site; what lies above it is recomputed at every step anyway."""
+def test_setting_up_is_one_pass_and_steps_skip_the_sites_attention():
+    """Setting up runs the whole rows once (the cache then cut to the prefix); a step recomputes the
+    blocks above the site over the suffix, and nothing of the site's block that runs before it."""
     model, layout, layer, site, rows, sites, batch = texts_at_layer_2("llama")
-    top = get_blocks(model, layout)[-1]
-    widths = []
-    handle = top.register_forward_pre_hook(lambda _m, args, kwargs: widths.append(args[0].shape[1]), with_kwargs=True)
+    blocks = get_blocks(model, layout)
+    widths = {"top": [], "site's attention": []}
+    handles = [  # a replayed module's hooks still run, so the attention's own projection is watched
+        module.register_forward_pre_hook(lambda _m, args, key=key: widths[key].append(args[0].shape[1]))
+        for key, module in (("top", blocks[-1]), ("site's attention", blocks[layer].self_attn.q_proj))
+    ]
+    width, suffix = batch.input_ids.shape[1], batch.input_ids.shape[1] - batch.split
     try:
         with EditSiteRunner(model, layout, layer, site, batch) as runner:
-            assert widths == [batch.split]  # the prefix pass, for the cache
+            assert widths == {"top": [width], "site's attention": [width]}
+            assert runner.prefix_cache.get_seq_length() == batch.split
             runner.final_hidden(torch.zeros(model.config.hidden_size))
     finally:
-        handle.remove()
-    assert widths == [batch.split, batch.input_ids.shape[1] - batch.split]
+        for handle in handles:
+            handle.remove()
+    assert widths == {"top": [width, suffix], "site's attention": [width]}
 
 
 def test_steps_replay_the_site_and_its_own_forward_comes_back():
@@ -153,7 +184,9 @@ def test_site_output_is_what_the_site_emits(family):
     finally:
         handle.remove()
     expected = emitted[0].reshape(len(rows[0]), -1)[sites[0]]
-    with EditSiteRunner(model, layout, 2, site, AlignedBatch.build(rows, sites, tokenizer.pad_token_id)) as runner:
+    with EditSiteRunner(
+        model, layout, 2, site, AlignedBatch.build(rows, sites, tokenizer.pad_token_id)
+    ) as runner:
         got = runner.site_output[0]
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
@@ -165,7 +198,11 @@ def test_token_site_inputs_are_the_sites_input_at_every_token_of_each_row(family
     with EditSiteRunner(model, layout, layer, site, batch, keep_token_inputs=True) as runner:
         got = runner.token_site_inputs
     expected = token_site_inputs(model, site, rows, pad_id=0)
-    assert [g.shape for g in got] == [e.shape for e in expected] == [(len(r), e.shape[-1]) for r, e in zip(rows, expected)]
+    assert (
+        [g.shape for g in got]
+        == [e.shape for e in expected]
+        == [(len(r), e.shape[-1]) for r, e in zip(rows, expected)]
+    )
     for r, (g, e) in enumerate(zip(got, expected)):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5, msg=f"{family} row {r}")
 
@@ -188,7 +225,9 @@ def test_a_bfloat16_runner_approximates_each_step_and_switches_back_to_exact(fam
     reach δ in float32, dropped rows stay aligned, and the model's weights come back bit for bit."""
     model, layout, layer, site, rows, sites, batch = texts_at_layer_2(family)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_(
+        True
+    )
     with EditSiteRunner(model, layout, layer, site, batch, compute_dtype=torch.bfloat16) as runner:
         assert runner.lowered
         approximate = runner.final_hidden(delta)
@@ -205,7 +244,9 @@ def test_a_bfloat16_runner_approximates_each_step_and_switches_back_to_exact(fam
         torch.testing.assert_close(exact[r, :n], expected, atol=2e-4, rtol=2e-4, msg=f"{family} row {r}")
         error = (approximate[r, :n].detach() - expected).norm() / expected.norm()
         assert 0 < error < 0.05, f"{family} row {r}: relative error {error:.4f}"
-    error = (kept[0, : len(rows[2]) - sites[2]] - exact[2, : len(rows[2]) - sites[2]]).norm() / exact[2].norm()
+    error = (kept[0, : len(rows[2]) - sites[2]] - exact[2, : len(rows[2]) - sites[2]]).norm() / exact[
+        2
+    ].norm()
     assert error < 0.05
     for name, p in model.named_parameters():
         assert p.dtype == weights[name].dtype and torch.equal(p, weights[name]), name
@@ -283,6 +324,24 @@ def test_a_refresh_call_measures_on_the_full_vocabulary_and_passes_the_shortlist
     wanted = shortlisted.gather(1, torch.searchsorted(targets.shortlist, targets.tokens)[:, None]).sum()
     (expected,) = torch.autograd.grad(wanted, hidden)
     torch.testing.assert_close(grad, expected)
+
+
+def test_refreshes_in_a_lower_dtype_are_approximate_and_a_full_check_stays_exact():
+    model, hidden, _, exact = _target_log_probs(per_position=4)
+    targets = TargetLogProbs(
+        model, [0, 0, 1], [1, 3, 2], torch.tensor([7, 11, 3]), 4, 3, refresh_dtype=torch.bfloat16
+    )
+    head = lm_head(model).weight
+    approximate = targets(hidden)
+    assert not targets.exact and targets._refresh_weight.dtype == torch.bfloat16
+    in_bfloat16 = torch.log_softmax(
+        nn.functional.linear(hidden[[0, 0, 1], [1, 3, 2]].bfloat16(), head.bfloat16()).float(), -1
+    )[torch.arange(3), targets.tokens]
+    torch.testing.assert_close(approximate, in_bfloat16)  # the values are bfloat16's ...
+    assert not torch.equal(approximate, exact)
+    assert set(targets.shortlist.tolist()) >= {7, 11, 3}  # ... and the shortlist is taken from them
+    torch.testing.assert_close(targets.full(hidden), exact)  # a check runs at the model's own precision
+    assert head.dtype == torch.float32
 
 
 def test_target_log_probs_record_whether_every_target_is_the_argmax():

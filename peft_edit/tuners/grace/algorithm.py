@@ -128,7 +128,7 @@ def optimise_value(
             # suits every model and layer.
             scale = own_output[0].pow(2).mean().sqrt().item()
             optimizer = torch.optim.Adam([value], lr=hp.value_lr * scale, betas=VALUE_BETAS)
-            targets = TargetLogProbs(model, loss_rows, loss_cols, loss_tokens)
+            targets = TargetLogProbs(model, loss_rows, loss_cols, loss_tokens, refresh_dtype=compute_dtype)
             best_loss, best_value, step, done = float("inf"), value.detach().clone(), 0, False
             for step in range(hp.value_steps + 1):
                 optimizer.zero_grad()
