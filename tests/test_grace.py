@@ -186,6 +186,19 @@ def test_the_bystander_bank_grows_with_the_ledger_and_rebuilds_when_it_changes_o
     assert bank.owners.tolist() == [0] * 3 + [1] * 500
     bank.sync([])
     assert bank.size == 0 and bank.distances(key).shape == (0,)
+    assert bank.clear_distance(key, tolerance=1e-3) == float("inf")
+
+
+def test_the_bystander_bank_leaves_a_keys_own_context_out_of_its_clear_distance():
+    generator = torch.Generator().manual_seed(1)
+    key = torch.randn(8, generator=generator)
+    others = torch.randn(4, 8, generator=generator)
+    own = key + 1e-5 * torch.randn(8, generator=generator)  # the same text as the key's prompt
+    bank = BystanderBank()
+    bank.sync([("row 0", 0, torch.cat([others[:2], own[None]])), ("row 1", 1, others[2:])])
+    assert bank.in_context(key, tolerance=1e-3).tolist() == [False, False, True, False, False]
+    nearest = torch.cdist(key[None], others)[0].min()
+    assert bank.clear_distance(key, tolerance=1e-3) == pytest.approx(float(nearest) / 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- the adapter

@@ -15,6 +15,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .layer import half_clear_distance, same_context
+
 
 class BystanderBank:
     """Bystander keys of a sequence of labelled blocks (one per edited row), each block's rows tagged
@@ -62,6 +64,18 @@ class BystanderBank:
         key = key.float().to(self._keys.device)
         squared = self._squared_norms[: self.size] - 2 * (self.keys @ key) + key.dot(key)
         return squared.clamp_min(0).sqrt()
+
+    def clear_distance(self, key: torch.Tensor, tolerance: float) -> float:
+        """Half the distance from ``key`` to the nearest bank key that is not its own context (see
+        :func:`~peft_edit.tuners.grace.layer.clear_radii`); infinite for an empty bank."""
+        if self.size == 0:
+            return float("inf")
+        return float(half_clear_distance(self.distances(key)[None], key[None], tolerance)[0])
+
+    def in_context(self, key: torch.Tensor, tolerance: float) -> torch.Tensor:
+        """(size,) bool: the bank keys that are ``key``'s own text, up to rounding (``tolerance`` is a
+        fraction of its norm)."""
+        return same_context(self.distances(key)[None], key[None], tolerance)[0]
 
     def _append(self, keys: torch.Tensor, owners: torch.Tensor) -> None:
         needed = self.size + len(keys)

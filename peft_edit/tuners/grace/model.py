@@ -12,7 +12,7 @@ from ..wrapped import WrappedTuner
 from .algorithm import optimise_value, teacher_forced_ids
 from .bystanders import BystanderBank
 from .config import GraceConfig
-from .layer import GraceLayer, Placement, clear_radius, half_clear_distance, same_context, target_label
+from .layer import GraceLayer, Placement, clear_radius, target_label
 
 # Per tokenizer: (prompt ids, target ids) of each (prompt, target) seen. Every edit re-reads the whole
 # ledger (bystanders, refits), and tokenizing hundreds of passages twice per edit adds up.
@@ -69,10 +69,7 @@ class GraceTuner(WrappedTuner):
         tolerance = config.replace_tolerance
 
         def clear_of_bystanders(key: torch.Tensor) -> float:
-            radius = clear_radius(key, bystanders, tolerance)
-            if earlier.size:
-                radius = min(radius, float(half_clear_distance(earlier.distances(key)[None], key[None], tolerance)[0]))
-            return radius
+            return min(clear_radius(key, bystanders, tolerance), earlier.clear_distance(key, tolerance))
 
         radius = min(config.init_radius * norm, clear_of_bystanders(key))
         placement = layer.placement(adapter, key, label, radius, config.replace_tolerance * norm)
@@ -108,7 +105,7 @@ class GraceTuner(WrappedTuner):
         block = block_index(layout.layers, name)
         pad_id = pad_token_id(tokenizer)
         earlier = self._ledger_bank(config, adapter_name, name, block, layer, tokenizer, config.edits[:-1])
-        in_context = same_context(earlier.distances(key)[None], key[None], config.replace_tolerance)[0]
+        in_context = earlier.in_context(key, config.replace_tolerance)
         indices = [entry["modules"].get(name, [None])[0] for entry in config.edits[:-1]]
         # The new entry's own requests (a replaced entry's included) were just optimised with it.
         touched = {
