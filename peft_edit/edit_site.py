@@ -81,7 +81,7 @@ class EditSiteRunner:
         layer: index of the block that holds the site.
         site: the module (inside block ``layer``) whose output receives δ at column ``split``.
         keep_token_inputs: also keep the site's input at every token of each row
-            (:attr:`token_site_inputs`); off, only column ``split``'s is kept.
+            (:attr:`token_site_inputs`, :attr:`row_site_inputs`); off, only column ``split``'s is kept.
         compute_dtype: the dtype blocks ``layer`` and above run in at each step (None: the model's);
             the keys, the site's output and the prefix are computed at the model's precision.
     """
@@ -110,6 +110,10 @@ class EditSiteRunner:
         # up on entry: δ never reaches it, so a caller that needs these keys (GRACE's bystanders) need not
         # run the rows again. Off by default: other callers would copy every row's inputs for nothing.
         self.token_site_inputs: list[torch.Tensor] | None = None
+        # With keep_token_inputs, the site's input at every column of the current rows (keep_rows narrows
+        # it), (rows, columns, in) with padding: what a caller that adds to the site's output at every
+        # column reads, at the model's precision even while steps run in a lower one.
+        self.row_site_inputs: torch.Tensor | None = None
         self._replayed: list[tuple[nn.Module, object]] = []  # with any instance-level forward it had
         self.compute_dtype = compute_dtype
         self._lowered: LoweredBlocks | None = None
@@ -126,9 +130,11 @@ class EditSiteRunner:
         for p, _ in self._grad_flags:
             p.requires_grad_(False)
         with torch.no_grad():
-            token_inputs = self._record()
+            self.row_site_inputs = self._record()
             if self.keep_token_inputs:
-                self.token_site_inputs = [x[mask.bool()] for x, mask in zip(token_inputs, b.attention_mask)]
+                self.token_site_inputs = [
+                    x[mask.bool()] for x, mask in zip(self.row_site_inputs, b.attention_mask)
+                ]
         # The replays read the recordings at call time, so that keep_rows can narrow them.
         for i in range(self.layer):
             self._replay(self.blocks[i], lambda i=i: self._lower_outputs[i])
@@ -204,6 +210,8 @@ class EditSiteRunner:
         self._before_site = {name: _select_rows(out, index, n_rows) for name, out in self._before_site.items()}
         self._site_full_output = _select_rows(self._site_full_output, index, n_rows)
         self.site_input, self.site_output = self.site_input[index], self.site_output[index]
+        if self.row_site_inputs is not None:
+            self.row_site_inputs = self.row_site_inputs[index]
 
     def __exit__(self, *exc) -> None:
         if self._lowered is not None:
@@ -226,9 +234,10 @@ class EditSiteRunner:
         One pass over the whole rows rather than the prefix and then the suffix: on a CPU the
         suffix's few rows use the matrix units poorly (SmolLM2 in float32: 37 rows at about half the
         throughput of 150). Besides the blocks below the site's, the parts of the site's own block
-        that finish before the site runs (the attention and norms of a block whose MLP is the site)
-        are kept: nothing δ changes reaches them, so a step need not compute them again (on SmolLM2
-        a sixth of a GRACE step's forward pass).
+        that finish before the site runs (:meth:`_parts_beside_site`: the attention and norms of a
+        block whose MLP is the site, and the MLP's input projections where the site is its output
+        projection) are kept: nothing δ changes reaches them, so a step need not compute them again
+        (on SmolLM2 a sixth of a GRACE step's forward pass).
         """
         b = self.batch
         n_rows, n_columns = b.input_ids.shape
@@ -278,9 +287,8 @@ class EditSiteRunner:
         try:
             for i in range(self.layer):
                 handles.append(self.blocks[i].register_forward_hook(keep_block_output(i)))
-            for name, child in self.blocks[self.layer].named_children():
-                if not any(m is self.site for m in child.modules()):  # the site and what holds it run on
-                    handles.append(child.register_forward_hook(keep_before_site(name)))
+            for name, part in self._parts_beside_site():
+                handles.append(part.register_forward_hook(keep_before_site(name)))
             handles.append(self.site.register_forward_pre_hook(site_starts))
             handles.append(self.site.register_forward_hook(keep_site))
             handles.append(self.blocks[self.layer].register_forward_hook(end_of_sites_block))
@@ -311,6 +319,23 @@ class EditSiteRunner:
                     self._cache_kwarg,
                 )
         return seen.get("inputs")
+
+    def _parts_beside_site(self) -> list[tuple[str, nn.Module]]:
+        """(name within the block, module) of every part of the site's block that does not hold the
+        site: the other children of each module on the way from the block down to the site. Which of
+        them finish before the site runs is seen when the rows run."""
+        parts, holder, path = [], self.blocks[self.layer], ""
+        while holder is not self.site:
+            inner = None
+            for name, child in holder.named_children():
+                if any(m is self.site for m in child.modules()):
+                    inner = (name, child)
+                else:
+                    parts.append((path + name, child))
+            if inner is None:
+                raise ValueError(f"the edit site is not inside block {self.layer}")
+            path, holder = path + inner[0] + ".", inner[1]
+        return parts
 
     def _by_row(self, tensor: torch.Tensor) -> torch.Tensor:
         """(rows, columns, features), also for models (OPT) whose MLP sees rows and columns flattened."""

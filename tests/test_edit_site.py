@@ -124,26 +124,35 @@ def test_runner_restores_blocks_and_gradient_flags():
     assert "forward" not in vars(site)
 
 
-def test_setting_up_is_one_pass_and_steps_skip_the_sites_attention():
+def test_setting_up_is_one_pass_and_steps_skip_what_runs_before_the_site(monkeypatch):
     """Setting up runs the whole rows once (the cache then cut to the prefix); a step recomputes the
-    blocks above the site over the suffix, and nothing of the site's block that runs before it."""
+    blocks above the site over the suffix, and nothing of the site's block that runs before it: not
+    its attention, nor the input projections of the MLP whose output projection is the site."""
     model, layout, layer, site, rows, sites, batch = texts_at_layer_2("llama")
     blocks = get_blocks(model, layout)
-    widths = {"top": [], "site's attention": []}
+    widths = {"top": [], "site's attention": [], "site's MLP input": []}
     handles = [  # a replayed module's hooks still run, so the attention's own projection is watched
         module.register_forward_pre_hook(lambda _m, args, key=key: widths[key].append(args[0].shape[1]))
         for key, module in (("top", blocks[-1]), ("site's attention", blocks[layer].self_attn.q_proj))
     ]
+    gate, linear_forward = blocks[layer].mlp.gate_proj, torch.nn.Linear.forward
+
+    def watched_linear(self, x):  # the class's forward, which a replayed module no longer reaches
+        if self is gate:
+            widths["site's MLP input"].append(x.shape[1])
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", watched_linear)
     width, suffix = batch.input_ids.shape[1], batch.input_ids.shape[1] - batch.split
     try:
         with EditSiteRunner(model, layout, layer, site, batch) as runner:
-            assert widths == {"top": [width], "site's attention": [width]}
+            assert widths == {"top": [width], "site's attention": [width], "site's MLP input": [width]}
             assert runner.prefix_cache.get_seq_length() == batch.split
             runner.final_hidden(torch.zeros(model.config.hidden_size))
     finally:
         for handle in handles:
             handle.remove()
-    assert widths == {"top": [width, suffix], "site's attention": [width]}
+    assert widths == {"top": [width, suffix], "site's attention": [width], "site's MLP input": [width]}
 
 
 def test_steps_replay_the_site_and_its_own_forward_comes_back():

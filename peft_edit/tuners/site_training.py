@@ -230,6 +230,7 @@ def train_added_output(
     after_step: Callable[[], None] = lambda: None,
     optimizer: str = "adam",
     learnt_at_argmax: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Adam (or plain SGD: ``optimizer="sgd"``) on ``parameters`` so that ``site``'s output plus ``added_output(x)`` makes the model emit the targets.
 
@@ -239,8 +240,11 @@ def train_added_output(
     learnt and ``done()`` says the method's own constraints hold. Learnt means an NLL below
     ``early_stop_loss``, or, with ``learnt_at_argmax``, every target token its position's most
     likely one (what greedy decoding of the training rows would emit); either is confirmed on the
-    full vocabulary. ``after_step`` runs after each update (e.g. to project the parameters back
-    onto a constraint set).
+    full vocabulary at the model's precision, and optimisation goes on where it is not. ``after_step``
+    runs after each update (e.g. to project the parameters back onto a constraint set).
+
+    With ``compute_dtype`` the blocks from ``layer`` up run in that dtype at each step; the site's
+    input, and so ``added_output`` and ``extra_loss``, stay at the model's precision (recorded once).
     """
     batch = rows.batch
     n_rows = batch.input_ids.shape[0]
@@ -261,8 +265,9 @@ def train_added_output(
 
     seen: dict[str, torch.Tensor] = {}
 
-    def add_to_site(_module, args, output):
-        x = args[0].reshape(n_rows, -1, args[0].shape[-1]).float()
+    def add_to_site(_module, _args, output):
+        # The site's input does not depend on what is trained: the one recorded on entry, exact.
+        x = seen["site_input"]
         added = added_output(x)
         seen["x"], seen["added"] = x, added
         return (output.reshape(n_rows, -1, output.shape[-1]) + added.to(output.dtype)).view_as(output)
@@ -274,14 +279,21 @@ def train_added_output(
     model.eval()
     nll_value, step = float("inf"), 0
     try:
-        with EditSiteRunner(model, layout, layer, site, batch) as runner:
+        with EditSiteRunner(
+            model, layout, layer, site, batch, keep_token_inputs=True, compute_dtype=compute_dtype
+        ) as runner:
+            seen["site_input"] = runner.row_site_inputs[:, batch.split :]
             handle = site.register_forward_hook(add_to_site)
             try:
                 zero = torch.zeros(runner.site_output.shape[-1], device=device)
-                targets = TargetLogProbs(model, nll_rows, nll_cols, nll_tokens_t)
+                targets = TargetLogProbs(model, nll_rows, nll_cols, nll_tokens_t, refresh_dtype=compute_dtype)
 
                 def learnt() -> bool:
                     return nll_value < early_stop_loss or (learnt_at_argmax and targets.on_top)
+
+                def on_full_vocabulary(hidden: torch.Tensor) -> float:
+                    """The targets' NLL over the whole vocabulary (and ``targets.on_top`` with it)."""
+                    return -(targets.full(hidden) * nll_weights_t).sum().item()
 
                 for step in range(1, steps + 1):
                     optimizer.zero_grad()
@@ -293,12 +305,18 @@ def train_added_output(
                         raise FloatingPointError(
                             f"The edit's training loss became {loss.item()} at step {step}; lower the learning rate."
                         )
-                    if (step == steps or learnt() and done()) and not targets.exact:
-                        # A shortlist's NLL is a lower bound and its argmax a candidate: stop, and
-                        # report, on the full vocabulary's.
-                        nll_value = -(targets.full(hidden) * nll_weights_t).sum().item()
+                    # A shortlist's NLL is a lower bound and its argmax a candidate, and a lowered
+                    # step's an approximation: a stop is confirmed, and the last loss reported, on
+                    # the whole vocabulary, then (the costlier check, so only if that holds) at the
+                    # model's precision.
                     if step == steps or learnt() and done():
-                        break  # the last loss is measured, not followed by another update
+                        if not targets.exact:
+                            nll_value = on_full_vocabulary(hidden)
+                        if runner.lowered and (step == steps or learnt()):
+                            with torch.no_grad(), runner.full_precision():
+                                nll_value = on_full_vocabulary(runner.final_hidden(zero))
+                        if step == steps or learnt():
+                            break  # the last loss is measured, not followed by another update
                     loss.backward()
                     optimizer.step()
                     after_step()

@@ -113,7 +113,7 @@ def optimise_value(
     was_training = model.training
     model.eval()
     try:
-        compute_dtype = getattr(torch, hp.compute_dtype) if hp.compute_dtype else None
+        compute_dtype = hp.torch_compute_dtype
         with EditSiteRunner(
             model, layout, layer, site, batch, keep_token_inputs=True, compute_dtype=compute_dtype
         ) as runner:

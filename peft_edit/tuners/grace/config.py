@@ -27,7 +27,6 @@ DEFAULT_INIT_RADIUS = 0.3
 EARLY_STOP_PROB = 0.5
 
 STOP_RULES = ("every_token", "mean")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def default_grace_layer(depth: int) -> int:
@@ -98,15 +97,6 @@ class GraceConfig(OneBlockConfig):
             "by this many nats (log-probability): then too it is the greedy choice. None: probability only."
         },
     )
-    compute_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dtype the blocks from the codebook's up run in while a value is optimised ('bfloat16', "
-            "'float16'); None: the model's own. Their matrix products are nearly all of each step, and "
-            "bfloat16 runs them about twice as fast on GPUs and on CPUs with bfloat16 instructions "
-            "(AVX512-BF16, AMX). Keys are read and the stop rule is confirmed at the model's own precision."
-        },
-    )
     replace_tolerance: float = field(
         default=1e-3,
         metadata={
@@ -128,10 +118,6 @@ class GraceConfig(OneBlockConfig):
             raise ValueError(f"GraceConfig.stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}.")
         if self.stop_margin is not None and self.stop_margin < 0:
             raise ValueError(f"GraceConfig.stop_margin must be at least 0 (or None), got {self.stop_margin}.")
-        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"GraceConfig.compute_dtype must be one of {COMPUTE_DTYPES} or None, got {self.compute_dtype!r}."
-            )
         if self.value_steps < 1 or self.value_lr <= 0:
             raise ValueError("GraceConfig.value_steps must be at least 1 and value_lr positive.")
         if not 0 < self.replace_tolerance < self.init_radius:

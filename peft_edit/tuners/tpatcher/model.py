@@ -108,6 +108,7 @@ class TPatcherTuner(WrappedTuner):
             lr=config.lr,
             early_stop_loss=config.early_stop_loss,
             done=lambda: state["fires_only_where_it_should"],
+            compute_dtype=config.torch_compute_dtype,
         )
         with torch.no_grad():
             keys, biases = as_plain_neurons(torch.stack(directions) * scales[:, None], bias, threshold)

@@ -167,6 +167,7 @@ class WiseTuner(WrappedTuner):
                 done=lambda: satisfied[config.stop_rule],
                 optimizer=config.optimizer,
                 learnt_at_argmax=config.stop_rule == "routing",
+                compute_dtype=config.torch_compute_dtype,
             )
         return side_delta().detach()
 

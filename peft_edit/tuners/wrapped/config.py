@@ -1,7 +1,8 @@
 """What the configs of the wrapping methods share: the one block they wrap, and how they train there.
 
 :class:`OneBlockConfig` (GRACE, WISE, T-Patcher): a ``layer`` field, its default from the model's
-depth, and the check that the model has that block. :class:`SiteTrainingConfig` (WISE,
+depth, the check that the model has that block, and the dtype an edit's optimisation may run
+that block and those above it in. :class:`SiteTrainingConfig` (WISE,
 T-Patcher) adds what :mod:`peft_edit.tuners.site_training` needs: steps, learning rate, early
 stop, the sampled prefixes and the unrelated texts the new memory must stay silent on.
 """
@@ -10,16 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ...architectures import Layout, UnsupportedModelError, mlp_out_name, num_layers
 from ..config import EditConfig
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class OneBlockConfig(EditConfig):
     layer: int | None = field(
         default=None, metadata={"help": "Block whose module is wrapped; default: the method's own depth."}
+    )
+    compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype the blocks from the wrapped one up run in while an edit is optimised ('bfloat16', "
+            "'float16'); None: the model's own. Their matrix products are nearly all of each step, and "
+            "bfloat16 runs them about twice as fast on GPUs and on CPUs with bfloat16 instructions "
+            "(AVX512-BF16, AMX). Keys are read and the stop rule is confirmed at the model's own precision."
+        },
     )
 
     def default_layer(self, depth: int) -> int:
@@ -34,6 +47,16 @@ class OneBlockConfig(EditConfig):
         super().__post_init__()
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"{type(self).__name__}.layer must be >= 0, got {self.layer}.")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__}.compute_dtype must be one of {COMPUTE_DTYPES} or None, "
+                f"got {self.compute_dtype!r}."
+            )
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        """:attr:`compute_dtype` as a torch dtype (None: the model's own)."""
+        return getattr(torch, self.compute_dtype) if self.compute_dtype else None
 
     def choose_target_modules(self, model: nn.Module) -> list[str]:
         layout = self.layout(model)
