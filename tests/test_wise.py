@@ -436,3 +436,37 @@ def test_default_layers_come_from_depth(method, llama):
     edited = get_edited_model(tiny_model("llama"), CONFIGS[method](), tokenizer=tokenizer, progress=False)
     expected = {"wise": 3, "tpatcher": 3}[method]  # 4 blocks: int(4 * 27/32) = 3; T-Patcher: the last
     assert edited.peft_config["default"].target_modules == [f"model.layers.{expected}.mlp.down_proj"]
+
+
+def test_with_a_compute_dtype_the_unrelated_gaps_run_in_it_and_float32_gaps_decide_the_stop(llama, monkeypatch):
+    """Each step's gaps on unrelated text come from bfloat16 products; once they say the margins hold,
+    gaps computed again in float32 decide. (Margins loose enough to hold on a tiny model.)"""
+    import peft_edit.tuners.wise.model as wise_model
+
+    calls = []  # ("gaps", dtype of the keys) and ("margins", whether they hold), in order
+    token_gaps_of, margin_loss_of = wise_model.token_gaps, wise_model.margin_loss
+
+    def gaps(keys, delta):
+        calls.append(("gaps", keys.dtype))
+        return token_gaps_of(keys, delta)
+
+    def margins(*args, **kwargs):
+        loss, holds = margin_loss_of(*args, **kwargs)
+        calls.append(("margins", holds))
+        return loss, holds
+
+    monkeypatch.setattr(wise_model, "token_gaps", gaps)
+    monkeypatch.setattr(wise_model, "margin_loss", margins)
+    _, tokenizer = llama
+    loose = dict(irrelevant_margin=1.0, edit_margin=1.01, gap_margin=0.0, early_stop_loss=5.0)
+    for compute_dtype, step_dtype in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        calls.clear()
+        config = WiseConfig(num_steps=60, context_templates_per_length=0, compute_dtype=compute_dtype, **loose)
+        get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+        steps = [i for i, call in enumerate(calls) if call == ("gaps", step_dtype)]
+        assert 1 < len(steps) < 60  # training stopped on the margins
+        for i in steps:
+            held = calls[i + 1] == ("margins", True)
+            if compute_dtype is not None and held:  # confirmed in float32
+                assert calls[i + 2 : i + 4] == [("gaps", torch.float32), ("margins", True)]
+        assert calls[-2:] == [("gaps", torch.float32), ("margins", True)]

@@ -24,8 +24,9 @@ def shard_mask(
 
 
 def token_gaps(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``||D x||`` per token: x (..., in), delta (out, in) -> (...)."""
-    return (x @ delta.T).norm(dim=-1)
+    """``||D x||`` per token: x (..., in), delta (out, in) -> (...), the norm taken in float32 whatever
+    the dtype of the product."""
+    return (x @ delta.T).float().norm(dim=-1)
 
 
 def running_mean_gaps(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,11 @@ class WiseTuner(WrappedTuner):
             m * scale for m in (config.irrelevant_margin, config.edit_margin, config.gap_margin)
         )
         satisfied = {"margins": False, "routing": False}
+        # The gaps on unrelated text (thousands of tokens once earlier passages count) cost as much as a
+        # step's blocks: with a compute_dtype they are computed in it too, and whatever decides the stop
+        # is computed again at the model's precision.
+        compute_dtype = config.torch_compute_dtype
+        unrelated_lowered = unrelated.to(compute_dtype) if compute_dtype is not None else None
 
         def side_delta():
             return base + mask * trainable
@@ -139,15 +144,26 @@ class WiseTuner(WrappedTuner):
         def routing_loss(x, added):
             delta = side_delta()
             edit_gaps = running_mean_gaps(added.norm(dim=-1), valid)[predicting]
-            unrelated_gaps = token_gaps(unrelated, delta)
-            loss, satisfied["margins"] = margin_loss(
-                edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight
-            )
+            exact_gaps = None
+            if unrelated_lowered is None:
+                unrelated_gaps = exact_gaps = token_gaps(unrelated, delta)
+            else:
+                unrelated_gaps = token_gaps(unrelated_lowered, delta.to(compute_dtype))
+            loss, holds = margin_loss(edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight)
+
+            def exact():
+                with torch.no_grad():
+                    return token_gaps(unrelated, delta) if exact_gaps is None else exact_gaps
+
+            if holds and exact_gaps is None:
+                exact_gaps = exact()
+                _, holds = margin_loss(edit_gaps.detach(), exact_gaps, alpha, beta, gamma)
+            satisfied["margins"] = holds
             if config.stop_rule == "routing":
                 # The threshold this shard gets (a shard about to be merged: its own, not the merged memory's).
                 with torch.no_grad():
                     threshold = memory_threshold(held_keys, delta, config.act_ratio).item()
-                    satisfied["routing"] = routes_apart(unrelated_gaps, lengths, threshold)
+                    satisfied["routing"] = routes_apart(exact(), lengths, threshold)
             # In units of the projection's output norm, like the margins, so it weighs as much as the NLL.
             return loss / scale
 
