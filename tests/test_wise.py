@@ -12,6 +12,7 @@ does that).
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from peft_edit.tuners.wise.algorithm import (
     routes_apart,
     running_mean_gaps,
     segment_running_means,
+    texts_routed,
     ties_merge,
     token_gaps,
 )
@@ -302,6 +304,49 @@ def test_wise_thresholds_are_positive_and_the_edit_routes_to_its_memory(llama):
         torch.testing.assert_close(layer(x), expected)
 
 
+UNRELATED = [
+    "The weather today is mild with a light breeze.",
+    "She bought bread, cheese and apples at the market.",
+    "How many legs does a spider have?",
+    "The committee will meet again next Tuesday.",
+    "Water boils at a lower temperature on a mountain.",
+    "He plays the violin in a small orchestra.",
+]
+
+
+def _routed_by_the_model(edited, tokenizer, texts) -> int:
+    """How many texts the adapter changes at all (only a routed token can change an output)."""
+    count = 0
+    for text in texts:
+        with edited.disable_adapter():
+            plain = logits(edited, tokenizer, text)
+        count += not torch.equal(logits(edited, tokenizer, text), plain)
+    return count
+
+
+@pytest.mark.parametrize("act_ratio", [0.88, 1e-6])
+def test_the_ledger_counts_the_unrelated_texts_the_edits_memory_takes(llama, act_ratio):
+    """Each entry's ``unrelated_routed`` is what the router does with the texts the memory was trained to
+    leave alone; with a threshold near zero it takes all of them, and the first such edit warns (once)."""
+    _, tokenizer = llama
+    config = CONFIGS["wise"](unrelated_texts=UNRELATED, act_ratio=act_ratio)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        edited = get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+        first = edited.peft_config["default"].edits[0]["unrelated_routed"]
+        assert first == [_routed_by_the_model(edited, tokenizer, UNRELATED), len(UNRELATED)]
+        # The second edit fills the memory's second shard and merges both: the first edit's prompt,
+        # one of its unrelated texts while it trained, is held by the merged memory, not counted.
+        edited.edit(REQUESTS[1:2], progress=False)
+    second = edited.peft_config["default"].edits[1]["unrelated_routed"]
+    assert edited_layer(edited).size("default") == 1
+    assert second == [_routed_by_the_model(edited, tokenizer, UNRELATED), len(UNRELATED)]
+    taken = [w for w in caught if "unrelated texts it was trained to leave alone" in str(w.message)]
+    if act_ratio < 1e-3:
+        assert first[0] == second[0] == len(UNRELATED)
+    assert len(taken) == (1 if first[0] or second[0] else 0)
+
+
 def _toy_wise_layer(threshold: float) -> WiseLayer:
     torch.manual_seed(0)
     layer = WiseLayer(torch.nn.Linear(4, 3), "default", 1)
@@ -366,10 +411,14 @@ def test_the_training_stop_check_agrees_with_the_router_on_which_texts_are_left_
     texts = [torch.randn(1, n, 4) * scale for n, scale in [(3, 0.3), (5, 1.0), (2, 3.0)]]
     gaps = [token_gaps(t[0], delta) for t in texts]
     layer.routing.attention_mask = None
+    counts = set()
     for threshold in [0.1, 1.0, 3.0, 100.0]:
         layer.wise_threshold["default"].data.fill_(threshold)
-        left_alone = all(torch.equal(layer(t), layer.base_layer(t)) for t in texts)
-        assert routes_apart(torch.cat(gaps), [3, 5, 2], threshold) == left_alone
+        routed = sum(not torch.equal(layer(t), layer.base_layer(t)) for t in texts)
+        assert texts_routed(torch.cat(gaps), [3, 5, 2], threshold) == routed
+        assert routes_apart(torch.cat(gaps), [3, 5, 2], threshold) == (routed == 0)
+        counts.add(routed)
+    assert len(counts) > 2  # thresholds between none and all of the texts were checked
     assert routes_apart(torch.cat(gaps), [3, 5, 2], 100.0)
     assert not routes_apart(torch.cat(gaps), [3, 5, 2], 0.1)
     # The threshold the stop check uses is the memory's: a fraction of its prompts' smallest mean gap.
@@ -455,14 +504,23 @@ def test_with_a_compute_dtype_the_unrelated_gaps_run_in_it_and_float32_gaps_deci
         calls.append(("margins", holds))
         return loss, holds
 
+    def routed(*args):
+        calls.append(("routed",))
+        return texts_routed_of(*args)
+
+    texts_routed_of = wise_model.texts_routed
     monkeypatch.setattr(wise_model, "token_gaps", gaps)
     monkeypatch.setattr(wise_model, "margin_loss", margins)
+    monkeypatch.setattr(wise_model, "texts_routed", routed)
     _, tokenizer = llama
     loose = dict(irrelevant_margin=1.0, edit_margin=1.01, gap_margin=0.0, early_stop_loss=5.0)
     for compute_dtype, step_dtype in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
         calls.clear()
         config = WiseConfig(num_steps=60, context_templates_per_length=0, compute_dtype=compute_dtype, **loose)
         get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+        # After training, the ledger's count of unrelated texts routed comes from float32 gaps.
+        assert calls[-2:] == [("gaps", torch.float32), ("routed",)]
+        del calls[-2:]
         steps = [i for i, call in enumerate(calls) if call == ("gaps", step_dtype)]
         assert 1 < len(steps) < 60  # training stopped on the margins
         for i in steps:

@@ -53,10 +53,20 @@ def memory_threshold(prompt_keys: list[torch.Tensor], delta: torch.Tensor, act_r
     return act_ratio * torch.stack([token_gaps(k, delta).mean() for k in prompt_keys]).min()
 
 
+def texts_routed(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: float) -> int:
+    """How many texts the router would send to the memory at one token or more: their running-mean gap
+    above ``threshold`` somewhere. ``unrelated_gaps`` are the texts' token gaps laid end to end."""
+    if not lengths:
+        return 0
+    above = segment_running_means(unrelated_gaps, lengths) > threshold
+    lengths_t = torch.tensor(lengths, device=above.device)
+    text = torch.repeat_interleave(torch.arange(len(lengths), device=above.device), lengths_t)
+    return int(torch.zeros(len(lengths), device=above.device).index_add_(0, text, above.float()).gt(0).sum())
+
+
 def routes_apart(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: float) -> bool:
-    """Whether the router would leave every unrelated text alone: its running-mean gap at no token
-    above ``threshold``. ``unrelated_gaps`` are the texts' token gaps laid end to end."""
-    return bool((segment_running_means(unrelated_gaps, lengths) <= threshold).all())
+    """Whether the router would leave every unrelated text alone (:func:`texts_routed` is 0)."""
+    return texts_routed(unrelated_gaps, lengths, threshold) == 0
 
 
 def margin_loss(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ...architectures import backbone, in_out_features, weight_out_in
@@ -20,6 +22,7 @@ from .algorithm import (
     routes_apart,
     running_mean_gaps,
     shard_mask,
+    texts_routed,
     ties_merge,
     token_gaps,
 )
@@ -39,6 +42,9 @@ class WiseTuner(WrappedTuner):
         # Shared by this tuner's layers; a hook on the backbone fills it before each forward.
         self._routing = RoutingContext()
         self._routing_hook = None
+        # [texts taken, texts] for the edit being stored: compute_edit finds it, after_append records it.
+        self._unrelated_routed: list[int] | None = None
+        self._warned_unrelated_routed = False
         super().__init__(
             model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
         )
@@ -111,7 +117,30 @@ class WiseTuner(WrappedTuner):
             ]
             held_requests.append(request)
         threshold = self._threshold(config, layer, tokenizer, deltas[0], held_requests)
+        # The texts the memory should leave alone (a merged memory holds its earlier shards' edits).
+        held_prompts = {r.filled_prompt for r in held_requests}
+        apart = ordinary + [k for text, k in zip(others, unrelated[len(ordinary) :]) if text not in held_prompts]
+        taken = texts_routed(token_gaps(torch.cat(apart), deltas[0]), [k.shape[0] for k in apart], threshold.item())
+        self._unrelated_routed = [taken, len(apart)]
         return {target: (first_slot, deltas, threshold[None])}
+
+    def after_append(self, config: WiseConfig, adapter_name: str, entry: dict, tokenizer) -> None:
+        """Record how many of the texts the edit's memory was trained to leave alone its router takes.
+
+        Where training could not push their gaps under the memory's threshold, inputs like them are
+        changed too: the ledger says so per edit, and the first such edit warns.
+        """
+        taken, texts = self._unrelated_routed
+        entry["unrelated_routed"] = [taken, texts]
+        if taken and not self._warned_unrelated_routed:
+            self._warned_unrelated_routed = True
+            warnings.warn(
+                f"WISE edit {len(config.edits) - 1}: its side memory's router also takes {taken} of the "
+                f"{texts} unrelated texts it was trained to leave alone (held-out texts and earlier edits' "
+                "prompts), so inputs like them are changed too. Each edit's count is in its ledger entry "
+                "('unrelated_routed'); this warning is given once per adapter.",
+                stacklevel=2,
+            )
 
     def _train_shard(
         self, config, layer, tokenizer, request, replayed, held_requests, unrelated, scale, shard_id, start
