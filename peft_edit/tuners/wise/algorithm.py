@@ -56,12 +56,8 @@ def memory_threshold(prompt_keys: list[torch.Tensor], delta: torch.Tensor, act_r
 def texts_routed(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: float) -> int:
     """How many texts the router would send to the memory at one token or more: their running-mean gap
     above ``threshold`` somewhere. ``unrelated_gaps`` are the texts' token gaps laid end to end."""
-    if not lengths:
-        return 0
     above = segment_running_means(unrelated_gaps, lengths) > threshold
-    lengths_t = torch.tensor(lengths, device=above.device)
-    text = torch.repeat_interleave(torch.arange(len(lengths), device=above.device), lengths_t)
-    return int(torch.zeros(len(lengths), device=above.device).index_add_(0, text, above.float()).gt(0).sum())
+    return sum(bool(text.any()) for text in above.split(lengths))
 
 
 def routes_apart(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: float) -> bool:
