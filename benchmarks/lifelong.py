@@ -49,6 +49,7 @@ from peft_edit.data import load_cases
 from peft_edit.evaluation import ScoreSettings, evaluate, pre_edit_reference
 from peft_edit.evaluation.report import format_table, plot_results, read_json, write_json
 from peft_edit.registration import EDIT_METHODS
+from peft_edit.requests import join_prompt_and_target
 
 SETS = {
     # MEND's zsRE: src question -> alt answer, a rephrased question, an unrelated NQ question.
@@ -60,12 +61,18 @@ CURVE_COLUMNS = ["reliability_tf", "generalization_tf", "locality_tf", "reliabil
                  "locality_gen"]  # fmt: skip
 
 
-def held_out_unrelated_texts(cases, evaluated: int, count: int) -> list[str]:
-    """The locality prompts of the last ``count`` cases, none of them among the first ``evaluated``."""
+def held_out_unrelated_texts(cases, evaluated: int, count: int, with_edits: bool = False) -> list[str]:
+    """The locality prompts of the last ``count`` cases, none of them among the first ``evaluated``;
+    ``with_edits``: their edits too, each prompt followed by its new target (other corrections of the
+    same kind, which a memory holding one edit must leave alone as well)."""
     count = min(count, len(cases) - evaluated)
     if count < 1:
         return []
-    return [probe.prompt for case in cases[-count:] for probe in case.neighbors]
+    held_out = cases[-count:]
+    texts = [probe.prompt for case in held_out for probe in case.neighbors]
+    if with_edits:
+        texts += [join_prompt_and_target(r.filled_prompt, r.target_new) for case in held_out for r in case.requests]
+    return texts
 
 
 def with_unrelated_texts(method: str, overrides: dict, texts: list[str]) -> dict:
@@ -109,6 +116,11 @@ def main() -> None:
         default=100,
         help="held-out records whose locality prompts WISE/T-Patcher keep silent on (0: built-in texts)",
     )
+    parser.add_argument(
+        "--unrelated-edits",
+        action="store_true",
+        help="also the held-out records' edits (prompt and new target): other corrections to leave alone",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -116,6 +128,11 @@ def main() -> None:
         action="store_true",
         help="go on from the checkpoint a stopped run of the same cases and settings left (its edits are "
         "loaded, not made again); without it a run starts afresh",
+    )
+    parser.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep the last checkpoint (the adapter after the last edit, with its ledger) when the run ends",
     )
     parser.add_argument(
         "--replot",
@@ -142,7 +159,7 @@ def main() -> None:
     for name in args.data:
         every_case = load_cases(SETS[name])
         cases = every_case[:limit]
-        unrelated = held_out_unrelated_texts(every_case, len(cases), args.unrelated)
+        unrelated = held_out_unrelated_texts(every_case, len(cases), args.unrelated, args.unrelated_edits)
         checkpoints = args.output_dir / "checkpoints"
         reference = unedited_reference(
             checkpoints / f"reference_{name}.pt", model, tokenizer, cases, settings, args.resume
@@ -171,6 +188,7 @@ def main() -> None:
                 "data": SETS[name],
                 "cases": len(cases),
                 "held_out_unrelated_texts": len(unrelated),
+                "held_out_edits_among_them": args.unrelated_edits,
                 "device": device_description(model.device),
                 "load_average_at_end": os.getloadavg(),
                 "cpu_count": os.cpu_count(),
@@ -178,7 +196,8 @@ def main() -> None:
             # One file per method and data set, written as soon as the run ends.
             path = write_json(args.output_dir / f"lifelong_{name}_{method}.json", [result], meta)
             progress.remove()
-            shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing to resume
+            if not args.keep_checkpoint:
+                shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing to resume
             print(f"wrote {path}")
         (checkpoints / f"reference_{name}.pt").unlink(missing_ok=True)
         report(name, results, args.output_dir)

@@ -27,6 +27,7 @@ from peft_edit.tuners.wise.algorithm import (
     routes_apart,
     running_mean_gaps,
     segment_running_means,
+    shared_prefix_lengths,
     texts_routed,
     ties_merge,
     token_gaps,
@@ -360,6 +361,13 @@ def test_running_mean_gaps_skip_padding():
     gaps = torch.tensor([[9.0, 1.0, 3.0, 5.0]])
     valid = torch.tensor([[False, True, True, True]])
     torch.testing.assert_close(running_mean_gaps(gaps, valid), torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+
+
+def test_shared_prefix_lengths_count_the_opening_tokens_a_text_shares_with_any_edit():
+    rows = [[5, 6, 7, 8], [5, 9]]
+    texts = [[5, 6, 7, 1, 2], [5, 9, 9], [4, 5, 6], [5, 6, 7, 8, 3], []]
+    assert shared_prefix_lengths(texts, rows) == [3, 2, 0, 4, 0]
+    assert shared_prefix_lengths(texts, []) == [0, 0, 0, 0, 0]
 
 
 @torch.no_grad()

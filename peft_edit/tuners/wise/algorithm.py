@@ -65,6 +65,26 @@ def routes_apart(unrelated_gaps: torch.Tensor, lengths: list[int], threshold: fl
     return texts_routed(unrelated_gaps, lengths, threshold) == 0
 
 
+def shared_prefix_lengths(texts, rows) -> list[int]:
+    """For each token sequence in ``texts``, how many leading tokens it shares with one of ``rows``.
+
+    A causal model gives those tokens exactly the keys it gives the row's own tokens, so no memory can
+    tell them apart: they are neither the edit's nor unrelated text.
+    """
+    lengths = []
+    for text in texts:
+        longest = 0
+        for row in rows:
+            shared = 0
+            for a, b in zip(text, row):
+                if a != b:
+                    break
+                shared += 1
+            longest = max(longest, shared)
+        lengths.append(longest)
+    return lengths
+
+
 def margin_loss(
     edit_gaps: torch.Tensor,
     unrelated_gaps: torch.Tensor,

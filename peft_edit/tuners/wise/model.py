@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from ...architectures import backbone, in_out_features, weight_out_in
-from ...requests import EditRequest
+from ...requests import EditRequest, tokenize_continuation
 from ..per_model import context_templates
 from ..site_training import (
     UNRELATED_TEXTS,
@@ -22,6 +22,7 @@ from .algorithm import (
     routes_apart,
     running_mean_gaps,
     shard_mask,
+    shared_prefix_lengths,
     texts_routed,
     ties_merge,
     token_gaps,
@@ -102,9 +103,24 @@ class WiseTuner(WrappedTuner):
 
         # The threshold is learned from the edits the memory holds: a fraction of their smallest gap.
         held_requests = shard_requests + [request]
+        # Unrelated texts that open like one of these edits (every hallucination correction opens with
+        # "This is a Wikipedia passage about"): a causal model gives those opening tokens the edit's own
+        # keys, so the margins leave them out rather than push the same gap both up and down.
+        held_rows = [sum(tokenize_continuation(tokenizer, r.filled_prompt, r.target_new), []) for r in held_requests]
+        opening_shared = shared_prefix_lengths([tokenizer(t)["input_ids"] for t in texts + others], held_rows)
         shard_id = memory * config.shards_per_memory + shard  # every shard draws its own subspace
         delta = self._train_shard(
-            config, layer, tokenizer, request, replayed, held_requests, unrelated, scale, shard_id, start
+            config,
+            layer,
+            tokenizer,
+            request,
+            replayed,
+            held_requests,
+            unrelated,
+            opening_shared,
+            scale,
+            shard_id,
+            start,
         )
 
         first_slot, deltas = slot, delta[None]
@@ -143,14 +159,28 @@ class WiseTuner(WrappedTuner):
             )
 
     def _train_shard(
-        self, config, layer, tokenizer, request, replayed, held_requests, unrelated, scale, shard_id, start
+        self,
+        config,
+        layer,
+        tokenizer,
+        request,
+        replayed,
+        held_requests,
+        unrelated,
+        opening_shared,
+        scale,
+        shard_id,
+        start,
     ):
-        """The shard's delta after training; ``unrelated`` holds the site keys of each unrelated text."""
+        """The shard's delta after training; ``unrelated`` holds the site keys of each unrelated text, of
+        which the first ``opening_shared`` tokens (per text) are left out of the margins."""
         d_in, d_out = in_out_features(layer.base_layer)
         lengths = [k.shape[0] for k in unrelated]
+        distinct = torch.cat([torch.arange(n) >= shared for n, shared in zip(lengths, opening_shared)])
         unrelated = torch.cat(unrelated)
         held_keys = self._prompt_keys(config, layer, tokenizer, held_requests)
         device = unrelated.device
+        distinct = distinct.to(device)
         mask = shard_mask(d_out, d_in, config.mask_ratio, config.seed, shard_id, device=device)
         base = start if start is not None else torch.zeros(d_out, d_in, device=device)
         trainable = torch.zeros(d_out, d_in, device=device, requires_grad=True)
@@ -178,7 +208,9 @@ class WiseTuner(WrappedTuner):
                 unrelated_gaps = exact_gaps = token_gaps(unrelated, delta)
             else:
                 unrelated_gaps = token_gaps(unrelated_lowered, delta.to(compute_dtype))
-            loss, holds = margin_loss(edit_gaps, unrelated_gaps, alpha, beta, gamma, config.irrelevant_weight)
+            loss, holds = margin_loss(
+                edit_gaps, unrelated_gaps[distinct], alpha, beta, gamma, config.irrelevant_weight
+            )
 
             def exact():
                 with torch.no_grad():
@@ -186,7 +218,7 @@ class WiseTuner(WrappedTuner):
 
             if holds and exact_gaps is None:
                 exact_gaps = exact()
-                _, holds = margin_loss(edit_gaps.detach(), exact_gaps, alpha, beta, gamma)
+                _, holds = margin_loss(edit_gaps.detach(), exact_gaps[distinct], alpha, beta, gamma)
             satisfied["margins"] = holds
             if config.stop_rule == "routing":
                 # The threshold this shard gets (a shard about to be merged: its own, not the merged memory's).
