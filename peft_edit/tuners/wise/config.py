@@ -34,7 +34,8 @@ class WiseConfig(SiteTrainingConfig):
         metadata={
             "help": "Edits written into one shard (one random subspace) before the next shard starts. On "
             "SmolLM2's first 50 hallucination corrections 1 held reliability 0.95 and locality 1.00 against "
-            "0.74 and 0.96 with 10 (a memory then answers to one passage only), at one side memory per edit."
+            "0.74 and 0.96 with 10 (a memory then answers to one passage only), at one side memory per edit; on "
+            "50 zsRE edits it cost reliability (0.94 against 1.00) and generalization (0.72 against 0.87)."
         },
     )
     shards_per_memory: int = field(
