@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import PAD_ID, tiny_model, tiny_model_and_tokenizer
 
 from peft_edit import EditRequest, TPatcherConfig, WiseConfig, get_edited_model
+from peft_edit.requests import join_prompt_and_target
 from peft_edit.tuners.wise.algorithm import (
     margin_loss,
     memory_threshold,
@@ -368,6 +369,30 @@ def test_shared_prefix_lengths_count_the_opening_tokens_a_text_shares_with_any_e
     texts = [[5, 6, 7, 1, 2], [5, 9, 9], [4, 5, 6], [5, 6, 7, 8, 3], []]
     assert shared_prefix_lengths(texts, rows) == [3, 2, 0, 4, 0]
     assert shared_prefix_lengths(texts, []) == [0, 0, 0, 0, 0]
+
+
+def test_the_margins_leave_out_the_opening_an_unrelated_text_shares_with_the_edit(llama, monkeypatch):
+    """An unrelated text that opens like the edit's prompt: the margins see only the tokens after that
+    opening (a causal model gives the opening the edit's own keys); another text loses only what it
+    shares too (here the start token and "The")."""
+    _, tokenizer = llama
+    opening_alike = PROBE + " a town far away."
+    texts = [opening_alike, UNRELATED[0]]
+    seen = []
+
+    def recording(edit_gaps, unrelated_gaps, *args, **kwargs):
+        seen.append(unrelated_gaps.numel())
+        return margin_loss(edit_gaps, unrelated_gaps, *args, **kwargs)
+
+    monkeypatch.setattr("peft_edit.tuners.wise.model.margin_loss", recording)
+    config = CONFIGS["wise"](unrelated_texts=texts, num_steps=2)
+    get_edited_model(tiny_model("llama"), config, REQUESTS[:1], tokenizer=tokenizer, progress=False)
+    edit_ids = tokenizer(join_prompt_and_target(PROBE, "Rome"))["input_ids"]
+    texts_ids = [tokenizer(t)["input_ids"] for t in texts]
+    shared = shared_prefix_lengths(texts_ids, [edit_ids])
+    assert shared[0] >= len(tokenizer(PROBE)["input_ids"]) - 1  # the whole prompt, or all but a merged last token
+    assert shared[1] < 4
+    assert seen and set(seen) == {sum(len(ids) for ids in texts_ids) - sum(shared)}
 
 
 @torch.no_grad()
